@@ -1,0 +1,109 @@
+"""Checking every connection in use and repairing the broken ones.
+
+This is the engine behind the IPython callbacks; it knows nothing of IPython
+and can be driven from any code that runs between units of work.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from django.db import Error
+
+from ipy_dbreset.health import Problem, judge
+from ipy_dbreset.repair import Repair, repair, reset
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ipy_dbreset.tracking import ConnectionTracker, Tracked
+
+log = logging.getLogger(__name__)
+
+
+class RepairFailed(Exception):
+    """A repair itself failed (the database refused even a rollback or close)."""
+
+
+class Checkup:
+    """Judge and repair every connection a :class:`ConnectionTracker` knows.
+
+    Parameters
+    ----------
+    tracker
+        Where the connections come from.
+    leave_manual_transactions
+        Leave an aborted manual transaction (``set_autocommit(False)``) to the
+        user, with a hint, instead of rolling it back.
+    """
+
+    def __init__(self, tracker: ConnectionTracker, *, leave_manual_transactions: bool = False):
+        self.tracker = tracker
+        self.leave_manual_transactions = leave_manual_transactions
+        self.last: dict[tuple[str, str | None], Repair] = {}
+        self._told: set[tuple[str, str | None]] = set()
+
+    def run(self, *, suspect: bool = False) -> list[Repair]:
+        """Repair what is broken and return what was done (empty when all is well).
+
+        ``suspect`` asks for a liveness check of the shell thread's connections
+        even when nothing local hints at trouble (after an interrupt).
+        """
+        done: list[Repair] = []
+        for tracked in self.tracker:
+            wrapper = tracked.wrapper
+            if wrapper.connection is None and not wrapper.in_atomic_block:
+                continue
+            key = (wrapper.alias, tracked.thread_name)
+            with self.tracker.hold(tracked) as hold:
+                if not hold.free:
+                    log.debug("ipy_dbreset: %s in thread %s is in use; not checked", *key)
+                    continue
+                verdict = judge(wrapper, suspect=suspect and tracked.thread is None)
+                if verdict is None:
+                    self._told.discard(key)
+                    continue
+                leave = self.leave_manual_transactions and verdict.problem is Problem.ABORTED
+                if leave and key in self._told:
+                    continue  # the user was told already; it is theirs to end
+                try:
+                    result = repair(
+                        wrapper,
+                        verdict,
+                        thread=tracked.thread_name,
+                        leave_manual_transactions=self.leave_manual_transactions,
+                    )
+                except Error as exc:
+                    raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
+            if leave:
+                self._told.add(key)
+            self.last[key] = result
+            done.append(result)
+        return done
+
+    def reset(self, aliases: Iterable[str] | None = None) -> list[Repair]:
+        """Roll back and close the connections of ``aliases`` (default: all in use)."""
+        wanted = None if aliases is None else set(aliases)
+        done: list[Repair] = []
+        for tracked in self.tracker:
+            wrapper = tracked.wrapper
+            if wanted is not None and wrapper.alias not in wanted:
+                continue
+            key = (wrapper.alias, tracked.thread_name)
+            with self.tracker.hold(tracked) as hold:
+                if not hold.free:
+                    log.info("ipy_dbreset: %s in thread %s is in use; not reset", *key)
+                    continue
+                try:
+                    result = reset(wrapper, thread=tracked.thread_name)
+                except Error as exc:
+                    raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
+            if result is not None:
+                self._told.discard(key)
+                self.last[key] = result
+                done.append(result)
+        return done
+
+    def tracked(self) -> list[Tracked]:
+        return list(self.tracker)

@@ -1,0 +1,109 @@
+"""What each database driver can tell us about a connection without asking the server.
+
+Django offers no portable way to ask "is this connection still alive?" short of
+``is_usable()``, which costs a round trip.  Each driver module here reads the
+driver's own local state instead (libpq's transaction status, whether the
+server has sent anything unsolicited on the socket) and only goes further when
+that local state says something happened.
+"""
+
+from __future__ import annotations
+
+import select
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+
+class Transaction(Enum):
+    """The transaction state of a connection, in libpq's words."""
+
+    IDLE = "idle"
+    ACTIVE = "active"  # a query is still running
+    INTRANS = "in a transaction"
+    INERROR = "aborted"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A snapshot of a connection as the driver sees it, taken without I/O to the server."""
+
+    closed: bool
+    transaction: Transaction
+    pending: bool
+    """The server sent something we did not ask for (often: it is closing the connection)."""
+
+
+class Driver(Protocol):
+    """The per-driver operations the health checks need."""
+
+    name: str
+
+    def link(self, wrapper: BaseDatabaseWrapper) -> Link:
+        """Describe ``wrapper.connection`` from local state only."""
+
+    def lost(self, wrapper: BaseDatabaseWrapper) -> bool:
+        """Confirm that a connection with pending input is gone.
+
+        Called only when :meth:`link` reported ``pending``.  It may read what the
+        server sent, and on drivers where that says nothing, make one round trip.
+        """
+
+    def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
+        """The server's process or thread id for this connection, if known locally."""
+
+
+def readable(fileno: int) -> bool:
+    """Whether the server has sent data on this socket that nobody read yet."""
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
+
+
+_LIBPQ_STATUS = (
+    Transaction.IDLE,
+    Transaction.ACTIVE,
+    Transaction.INTRANS,
+    Transaction.INERROR,
+    Transaction.UNKNOWN,
+)
+
+
+def libpq_transaction(status: int) -> Transaction:
+    """Map libpq's ``PQtransactionStatus`` (shared by psycopg 2 and 3) to :class:`Transaction`."""
+    return _LIBPQ_STATUS[status] if 0 <= status < len(_LIBPQ_STATUS) else Transaction.UNKNOWN
+
+
+_cache: dict[type, Driver] = {}
+
+
+def driver_for(raw: Any) -> Driver:
+    """The driver module that knows the class of ``raw`` (a DB-API connection)."""
+    kind = type(raw)
+    driver = _cache.get(kind)
+    if driver is None:
+        driver = _cache[kind] = _find(kind)
+    return driver
+
+
+def _find(kind: type) -> Driver:
+    package = kind.__module__.split(".", 1)[0]
+    if package == "psycopg":
+        from ipy_dbreset.drivers.psycopg import Psycopg
+
+        return Psycopg()
+    if package == "psycopg2":
+        from ipy_dbreset.drivers.psycopg2 import Psycopg2
+
+        return Psycopg2()
+    if package in {"MySQLdb", "_mysql"}:
+        from ipy_dbreset.drivers.mysqlclient import MySQLClient
+
+        return MySQLClient()
+    from ipy_dbreset.drivers.generic import Generic
+
+    return Generic(package)

@@ -1,0 +1,29 @@
+"""Drivers with nothing to probe: sqlite3 (a file cannot hang up) and unknown ones."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ipy_dbreset.drivers import Link, Transaction
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+
+class Generic:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def link(self, wrapper: BaseDatabaseWrapper) -> Link:
+        in_transaction = getattr(wrapper.connection, "in_transaction", None)
+        if in_transaction is None:
+            transaction = Transaction.UNKNOWN
+        else:
+            transaction = Transaction.INTRANS if in_transaction else Transaction.IDLE
+        return Link(closed=False, transaction=transaction, pending=False)
+
+    def lost(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False
+
+    def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
+        return None

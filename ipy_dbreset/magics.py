@@ -1,0 +1,382 @@
+"""The IPython side: magics, configuration and cell callbacks.
+
+A short session::
+
+    In [1]: %load_ext ipy_dbreset
+    ipy_dbreset: Django set up with shop.settings (from /src/shop/manage.py)
+    In [2]: Order.objects.create(number=1)   # IntegrityError: the cell fails ...
+    ipy_dbreset: default: rolled back (the transaction was aborted by an error: ...)
+    In [3]: Order.objects.count()            # ... and the next one works
+    In [4]: %dbstatus
+    In [5]: %dbreset
+
+Configure it like any IPython extension, with ``%config`` or in
+``ipython_config.py``::
+
+    c.DBReset.check_before_cell = True
+    c.DBReset.aborted_manual_transactions = "leave"
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+from traitlets import Bool, Enum, Int, Unicode, observe
+
+from ipy_dbreset.display import Notice, Table, repair_notice
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
+    from traitlets.utils.bunch import Bunch
+
+    from ipy_dbreset.checkup import Checkup
+    from ipy_dbreset.repair import Repair
+
+log = logging.getLogger(__name__)
+
+_EVENTS = ("pre_run_cell", "post_run_cell")
+
+
+class ResetResult(list["Repair"]):
+    """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset."""
+
+    def __init__(self, repairs: list[Repair], notice: Notice) -> None:
+        super().__init__(repairs)
+        self.notice = notice
+        self.echoed = False
+
+    def _ipython_display_(self) -> None:
+        # The magic has shown the notice already; do not show it twice as Out[n].
+        if self.echoed:
+            self.echoed = False
+            return
+        display(self.notice)
+
+
+@magics_class
+class DBReset(Magics):
+    """Repair broken Django database connections between cells."""
+
+    auto_repair = Bool(
+        True, help="Judge every connection after each cell and repair the broken ones."
+    ).tag(config=True)
+    check_before_cell = Bool(
+        True,
+        help=(
+            "Also judge connections before each cell (no server round trip while they are "
+            "healthy), so that a connection the server dropped between cells is repaired "
+            "before the cell's first query."
+        ),
+    ).tag(config=True)
+    aborted_manual_transactions = Enum(
+        ("rollback", "leave"),
+        "rollback",
+        help=(
+            "What to do with an aborted manual transaction (set_autocommit(False)): roll it "
+            "back (it cannot be committed anyway), or leave it to you with a hint."
+        ),
+    ).tag(config=True)
+    allow_async_unsafe = Bool(
+        True,
+        help=(
+            "In a Jupyter kernel cells run inside an event loop, where Django refuses ORM "
+            "calls; set DJANGO_ALLOW_ASYNC_UNSAFE=true so that they work. ipy_dbreset's own "
+            "repairs work either way."
+        ),
+    ).tag(config=True)
+    settings_module = Unicode(
+        None,
+        allow_none=True,
+        help=(
+            "Django settings module to use when Django is not set up yet; wins over "
+            "DJANGO_SETTINGS_MODULE and manage.py."
+        ),
+    ).tag(config=True)
+    verbosity = Int(
+        1,
+        help="0: say nothing (use logging), 1: one line per repair, 2: also setup details.",
+    ).tag(config=True)
+
+    def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.checkup: Checkup | None = None
+        self._set_async_unsafe = False
+        self._last_reset: ResetResult | None = None
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Set up Django and start watching connections; raise UsageError if it cannot."""
+        from ipy_dbreset.project import ProjectError, setup_django
+
+        try:
+            setup = setup_django(self.settings_module)
+        except ProjectError as exc:
+            raise UsageError(f"ipy_dbreset: {exc}") from None
+
+        from ipy_dbreset.checkup import Checkup
+        from ipy_dbreset.tracking import ConnectionTracker
+
+        tracker = ConnectionTracker(threading.current_thread())
+        tracker.start()
+        self.checkup = Checkup(
+            tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
+        )
+        if setup.source != "already set up" and self.verbosity >= 1:
+            self._say(Notice(setup.describe(), "info"))
+        self._apply_async_unsafe()
+
+    def stop(self) -> None:
+        if self.checkup is not None:
+            self.checkup.tracker.stop()
+            self.checkup = None
+        if self._set_async_unsafe:
+            from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
+
+            os.environ.pop(ASYNC_UNSAFE_VARIABLE, None)
+            self._set_async_unsafe = False
+
+    def _in_kernel(self) -> bool:
+        from ipy_dbreset.project import in_event_loop
+
+        return getattr(self.shell, "kernel", None) is not None or in_event_loop()
+
+    def _apply_async_unsafe(self) -> None:
+        from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
+
+        if self.checkup is None:
+            return
+        if self.allow_async_unsafe:
+            if os.environ.get(ASYNC_UNSAFE_VARIABLE) or not self._in_kernel():
+                return
+            os.environ[ASYNC_UNSAFE_VARIABLE] = "true"
+            self._set_async_unsafe = True
+            if self.verbosity >= 1:
+                self._say(
+                    Notice(
+                        "ORM calls allowed in this kernel's event loop "
+                        f"(set {ASYNC_UNSAFE_VARIABLE}=true; opt out with "
+                        "%config DBReset.allow_async_unsafe = False)",
+                        "info",
+                    )
+                )
+        elif self._set_async_unsafe:
+            os.environ.pop(ASYNC_UNSAFE_VARIABLE, None)
+            self._set_async_unsafe = False
+            if self.verbosity >= 1:
+                self._say(Notice(f"{ASYNC_UNSAFE_VARIABLE} removed", "info"))
+
+    @observe("allow_async_unsafe")
+    def _allow_async_unsafe_changed(self, change: Bunch) -> None:
+        self._apply_async_unsafe()
+
+    @observe("aborted_manual_transactions")
+    def _policy_changed(self, change: Bunch) -> None:
+        if self.checkup is not None:
+            self.checkup.leave_manual_transactions = change["new"] == "leave"
+
+    # -- callbacks -----------------------------------------------------------
+
+    def pre_run_cell(self, info: ExecutionInfo) -> None:
+        """Repair what broke between cells, before this cell's first query."""
+        if self.auto_repair and self.check_before_cell:
+            self._check(suspect=False)
+
+    def post_run_cell(self, result: ExecutionResult | None) -> None:
+        """Repair what the cell (or the display of its result) left broken."""
+        if self._last_reset is not None:
+            self._last_reset.echoed = False
+            self._last_reset = None
+        if not self.auto_repair:
+            return
+        error = None if result is None else result.error_in_exec
+        self._check(suspect=isinstance(error, KeyboardInterrupt))
+
+    def _check(self, *, suspect: bool) -> list[Repair]:
+        from ipy_dbreset.checkup import RepairFailed
+
+        if self.checkup is None:
+            return []
+        try:
+            repairs = self.checkup.run(suspect=suspect)
+        except RepairFailed as exc:
+            log.warning("ipy_dbreset: repair failed: %s", exc)
+            self._say(Notice(f"could not repair {exc}; run %dbreset", "error"))
+            return []
+        if repairs and self.verbosity >= 1:
+            self._say(repair_notice(repairs))
+        return repairs
+
+    def _say(self, notice: Notice) -> None:
+        display(notice)
+
+    # -- magics --------------------------------------------------------------
+
+    def _aliases(self, names: list[str]) -> list[str]:
+        from django.db import connections
+
+        known = list(connections)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UsageError(
+                f"unknown database alias {', '.join(map(repr, unknown))}; "
+                f"DATABASES has {', '.join(map(repr, known))}"
+            )
+        return list(dict.fromkeys(names))
+
+    @magic_arguments()
+    @argument("-q", "--quiet", action="store_true", help="Do not print what was done.")
+    @argument(
+        "aliases",
+        nargs="*",
+        metavar="ALIAS",
+        help="Database aliases to reset (default: every connection in use).",
+    )
+    @line_magic
+    def dbreset(self, line: str) -> ResetResult:
+        """Reset Django database connections now.
+
+        Rolls back whatever each connection holds (open atomic blocks, a manual
+        transaction) and closes it; the next query opens a fresh connection.
+        Connections owned by another thread are reset only while that thread
+        is not using them.  Returns the list of what was reset.
+
+        Examples
+        --------
+        ::
+
+            %dbreset                 # every connection in use
+            %dbreset default replica
+            result = %dbreset -q
+        """
+        try:
+            args = parse_argstring(self.dbreset, line)
+        except UsageError:
+            raise
+        except SystemExit:  # argparse's way of saying "bad arguments"
+            raise UsageError(f"%dbreset: cannot parse {line!r}; see %dbreset?") from None
+        aliases = self._aliases(args.aliases) if args.aliases else None
+        from ipy_dbreset.checkup import RepairFailed
+
+        if self.checkup is None:
+            raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
+        try:
+            repairs = self.checkup.reset(aliases)
+        except RepairFailed as exc:
+            raise UsageError(f"ipy_dbreset: could not reset {exc}") from None
+        if repairs:
+            notice = repair_notice(repairs)
+        else:
+            which = ", ".join(aliases) if aliases else "any alias"
+            notice = Notice(f"nothing to reset: no open connection for {which}", "info")
+        result = ResetResult(repairs, notice)
+        if not args.quiet:
+            self._say(notice)
+            result.echoed = True
+            self._last_reset = result
+        return result
+
+    @magic_arguments()
+    @argument(
+        "aliases",
+        nargs="*",
+        metavar="ALIAS",
+        help="Database aliases to show (default: every connection in use).",
+    )
+    @line_magic
+    def dbstatus(self, line: str) -> Table:
+        """Show every Django connection in use: driver, server id, transaction state.
+
+        One row per connection (alias, and its thread when it is not this
+        one). Nothing is queried: the table is built from what Django and the
+        driver know locally, and never shows a password.
+        """
+        from ipy_dbreset.health import snapshot
+
+        try:
+            args = parse_argstring(self.dbstatus, line)
+        except SystemExit:
+            raise UsageError(f"%dbstatus: cannot parse {line!r}; see %dbstatus?") from None
+        wanted = set(self._aliases(args.aliases)) if args.aliases else None
+        if self.checkup is None:
+            raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
+        rows = []
+        for tracked in self.checkup.tracked():
+            wrapper = tracked.wrapper
+            if wanted is not None and wrapper.alias not in wanted:
+                continue
+            snap = snapshot(wrapper)
+            last = self.checkup.last.get((wrapper.alias, tracked.thread_name))
+            rows.append(
+                [
+                    snap.alias,
+                    tracked.thread_name or "",
+                    f"{snap.vendor} / {snap.driver}",
+                    snap.database,
+                    "yes" if snap.connected else "no",
+                    "" if snap.server_id is None else str(snap.server_id),
+                    snap.transaction,
+                    "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
+                    "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
+                ]
+            )
+        columns = [
+            "alias",
+            "thread",
+            "vendor / driver",
+            "database",
+            "connected",
+            "server id",
+            "transaction",
+            "autocommit",
+            "last repair",
+        ]
+        return Table(columns, rows, "no database connection in use")
+
+
+def _loaded(ipython: InteractiveShell) -> DBReset | None:
+    for configurable in ipython.configurables:
+        if type(configurable).__name__ == DBReset.__name__ and hasattr(configurable, "checkup"):
+            return configurable  # type: ignore[return-value]
+    return None
+
+
+def load(ipython: InteractiveShell) -> None:
+    """Register everything, or nothing if Django cannot be set up."""
+    if _loaded(ipython) is not None:
+        return
+    magics = DBReset(shell=ipython)
+    try:
+        magics.start()
+    except BaseException:
+        ipython.configurables.remove(magics)  # type: ignore[arg-type]
+        raise
+    ipython.register_magics(magics)
+    for event in _EVENTS:
+        ipython.events.register(event, getattr(magics, event))
+
+
+def unload(ipython: InteractiveShell) -> None:
+    """Remove exactly what :func:`load` added and stop watching connections."""
+    magics = _loaded(ipython)
+    if magics is None:
+        return
+    for event in _EVENTS:
+        callback = getattr(magics, event)
+        if callback in ipython.events.callbacks[event]:
+            ipython.events.unregister(event, callback)
+    manager = ipython.magics_manager
+    for kind, names in magics.magics.items():
+        for name in names:
+            manager.magics[kind].pop(name, None)
+    if manager.registry.get(type(magics).__name__) is magics:
+        del manager.registry[type(magics).__name__]
+    ipython.configurables.remove(magics)  # type: ignore[arg-type]
+    magics.stop()

@@ -1,0 +1,307 @@
+"""Repairing a broken Django connection without losing what could still be committed.
+
+The rule: clean up only what the database has already lost.
+
+* A lost connection (or one with a query left running) is closed; Django
+  reconnects on the next query.  Its transaction was gone with it.
+* An aborted PostgreSQL transaction inside atomic blocks is unwound from the
+  innermost block outwards, exactly as Django does when an exception leaves a
+  block (roll back to the block's savepoint, or mark the enclosing one), and
+  stops as soon as the transaction is usable again, so outer work survives.
+* An aborted manual transaction (``set_autocommit(False)``) is rolled back, or
+  left to the user when asked to.
+* An atomic block that Django marked for rollback while the database still
+  holds a usable transaction (SQLite, MySQL, a non-database error) keeps all
+  its work: only the mark is cleared.
+
+Every function here works on a wrapper of any thread; the caller decides
+whether touching it is safe (see :mod:`ipy_dbreset.tracking`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeVar
+
+from django.db import Error
+
+from ipy_dbreset.drivers import Transaction, driver_for
+from ipy_dbreset.health import Problem, Verdict, judge, open_work
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What was done to one connection, and what (if anything) was lost."""
+
+    alias: str
+    action: str
+    reason: str
+    lost: str | None = None
+    problem: Problem | None = None
+    thread: str | None = None
+    hint: str | None = None
+    when: datetime = field(default_factory=datetime.now)
+
+    @property
+    def where(self) -> str:
+        return self.alias if self.thread is None else f"{self.alias} (thread {self.thread})"
+
+    def describe(self) -> str:
+        """One line, without a prefix: ``'default: reconnected (...); lost: ...'``."""
+        text = f"{self.where}: {self.action} ({self.reason})"
+        if self.lost:
+            text += f"; lost: {self.lost}"
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
+
+
+@contextlib.contextmanager
+def borrowed(wrapper: BaseDatabaseWrapper) -> Iterator[None]:
+    """Allow this thread to use ``wrapper`` for the duration of a repair."""
+    wrapper.inc_thread_sharing()
+    try:
+        yield
+    finally:
+        wrapper.dec_thread_sharing()
+
+
+def outside_event_loop(func: Callable[[], T]) -> T:
+    """Run ``func`` where Django's async-safety check lets it run.
+
+    In a Jupyter kernel the cell runs inside an event loop, and Django refuses
+    synchronous database calls there unless ``DJANGO_ALLOW_ASYNC_UNSAFE`` is
+    set.  Repairs must work even when the user opted out of that, so they run
+    in a short-lived thread while this one waits (it is not using the
+    connection meanwhile).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return func()
+    if os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
+        return func()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(func())
+        except BaseException as exc:  # re-raised in the calling thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="ipy_dbreset-repair", daemon=True)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def _transaction(wrapper: BaseDatabaseWrapper) -> Transaction:
+    if wrapper.connection is None:
+        return Transaction.UNKNOWN
+    return driver_for(wrapper.connection).link(wrapper).transaction
+
+
+def _leave_innermost_atomic_block(wrapper: BaseDatabaseWrapper) -> None:
+    """Leave the innermost atomic block as if an exception had propagated out of it.
+
+    This mirrors ``django.db.transaction.Atomic.__exit__`` on its error path,
+    but works on a given wrapper (``Atomic`` looks the connection up in the
+    current thread, which is not always the owner here).
+    """
+    if wrapper.in_atomic_block:
+        wrapper.atomic_blocks.pop()
+    sid = None
+    if wrapper.savepoint_ids:
+        sid = wrapper.savepoint_ids.pop()
+    else:
+        wrapper.in_atomic_block = False
+    try:
+        if wrapper.closed_in_transaction:
+            pass  # the server rolls back by itself; wait for the outermost block
+        else:
+            wrapper.needs_rollback = False
+            if wrapper.in_atomic_block:
+                if sid is None:
+                    wrapper.needs_rollback = True
+                else:
+                    try:
+                        wrapper.savepoint_rollback(sid)
+                        wrapper.savepoint_commit(sid)
+                    except Error:
+                        wrapper.needs_rollback = True
+            else:
+                try:
+                    wrapper.rollback()
+                except Error:
+                    wrapper.close()
+    finally:
+        if not wrapper.in_atomic_block:
+            if wrapper.closed_in_transaction:
+                wrapper.connection = None
+            else:
+                wrapper.set_autocommit(True)
+        elif not wrapper.savepoint_ids and not wrapper.commit_on_exit:
+            if wrapper.closed_in_transaction:
+                wrapper.connection = None
+            else:
+                wrapper.in_atomic_block = False
+
+
+def _drop(wrapper: BaseDatabaseWrapper) -> None:
+    """Close a connection that cannot be used again and forget its transaction."""
+    raw = wrapper.connection
+    if raw is not None:
+        # Close the driver connection first so that a pool (Django 5.1+) sees
+        # it closed and discards it instead of handing it out again.
+        with contextlib.suppress(Exception):
+            raw.close()
+    with contextlib.suppress(Error):
+        wrapper.close()
+    if wrapper.in_atomic_block:
+        wrapper.closed_in_transaction = True
+        while wrapper.in_atomic_block:
+            _leave_innermost_atomic_block(wrapper)
+    wrapper.connection = None
+
+
+def repair(
+    wrapper: BaseDatabaseWrapper,
+    verdict: Verdict,
+    *,
+    thread: str | None = None,
+    leave_manual_transactions: bool = False,
+) -> Repair:
+    """Repair ``wrapper`` according to ``verdict`` and say what was done."""
+
+    def act() -> Repair:
+        with borrowed(wrapper):
+            return _repair(wrapper, verdict, thread, leave_manual_transactions)
+
+    done = outside_event_loop(act)
+    log.info("ipy_dbreset: %s", done.describe())
+    return done
+
+
+def _repair(
+    wrapper: BaseDatabaseWrapper,
+    verdict: Verdict,
+    thread: str | None,
+    leave_manual: bool,
+) -> Repair:
+    alias = wrapper.alias
+    reason = f"{verdict.problem.value}: {verdict.reason}"
+    if verdict.problem in (Problem.LOST, Problem.STUCK):
+        work = open_work(wrapper)
+        _drop(wrapper)
+        return Repair(
+            alias,
+            "closed; the next query reconnects",
+            reason,
+            lost=f"{work} (the server had already discarded it)" if work else None,
+            problem=verdict.problem,
+            thread=thread,
+        )
+    if verdict.problem is Problem.ABORTED and not wrapper.in_atomic_block:
+        if leave_manual:
+            return Repair(
+                alias,
+                "left as it is",
+                reason,
+                problem=verdict.problem,
+                thread=thread,
+                hint="run transaction.rollback() (or %dbreset) to continue",
+            )
+        wrapper.rollback()
+        return Repair(
+            alias,
+            "rolled back",
+            reason,
+            lost="the aborted transaction (it could not have been committed)",
+            problem=verdict.problem,
+            thread=thread,
+        )
+    if verdict.problem is Problem.ABORTED:
+        depth = len(wrapper.atomic_blocks)
+        while wrapper.in_atomic_block and (
+            wrapper.needs_rollback or _transaction(wrapper) is Transaction.INERROR
+        ):
+            _leave_innermost_atomic_block(wrapper)
+        left = depth - len(wrapper.atomic_blocks)
+        if wrapper.in_atomic_block:
+            kept = len(wrapper.atomic_blocks)
+            action = f"rolled back to a savepoint; {kept} outer atomic block(s) and their work kept"
+        else:
+            action = "rolled back"
+        return Repair(
+            alias,
+            action,
+            reason,
+            lost=f"{left} aborted atomic block(s) (they could not have been committed)",
+            problem=verdict.problem,
+            thread=thread,
+        )
+    # Problem.MARKED: the database still holds a usable transaction.
+    wrapper.needs_rollback = False
+    return Repair(
+        alias,
+        "cleared Django's rollback mark; the open atomic block and its writes are kept",
+        reason,
+        problem=verdict.problem,
+        thread=thread,
+        hint="%dbreset discards them",
+    )
+
+
+def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair | None:
+    """Roll back whatever ``wrapper`` holds and close it, on the user's request.
+
+    Returns ``None`` when there was nothing to reset (not connected).
+    """
+    if wrapper.connection is None and not wrapper.in_atomic_block:
+        return None
+
+    def act() -> Repair:
+        with borrowed(wrapper):
+            work = open_work(wrapper)
+            if wrapper.connection is None or judge(wrapper) is not None:
+                # Nothing in it can be committed any more; do not try.
+                _drop(wrapper)
+            else:
+                if not wrapper.in_atomic_block and _transaction(wrapper) is Transaction.IDLE:
+                    work = None
+                while wrapper.in_atomic_block:
+                    wrapper.needs_rollback = True
+                    _leave_innermost_atomic_block(wrapper)
+                if not wrapper.get_autocommit():
+                    wrapper.rollback()
+                # A healthy connection goes back to its pool, if it has one.
+                wrapper.close()
+            return Repair(
+                wrapper.alias,
+                "reset; the next query reconnects",
+                "requested",
+                lost=f"{work} (rolled back)" if work else None,
+                thread=thread,
+            )
+
+    done = outside_event_loop(act)
+    log.info("ipy_dbreset: %s", done.describe())
+    return done

@@ -1,0 +1,65 @@
+"""Settings of the demo project the notebooks use.
+
+The database is SQLite (``db.sqlite3`` beside ``manage.py``) unless
+``IPY_DBRESET_DEMO_DB`` names another one as a URL, for example::
+
+    IPY_DBRESET_DEMO_DB=postgresql://postgres@127.0.0.1:5432/test
+    IPY_DBRESET_DEMO_DB=mysql://root@127.0.0.1:3306/test
+    IPY_DBRESET_DEMO_DB=sqlite:////tmp/demo.sqlite3
+
+``IPY_DBRESET_DEMO_POOL=1`` turns on Django's PostgreSQL connection pool
+(Django 5.1+ with psycopg 3).  A second alias, ``other``, is always SQLite.
+"""
+
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = "demo-only-not-secret"  # a demo project
+DEBUG = True
+ALLOWED_HOSTS: list[str] = []
+INSTALLED_APPS = ["django.contrib.contenttypes", "shop"]
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+ENGINES = {
+    "postgresql": "django.db.backends.postgresql",
+    "postgres": "django.db.backends.postgresql",
+    "mysql": "django.db.backends.mysql",
+    "sqlite": "django.db.backends.sqlite3",
+}
+
+
+def database(url: str) -> dict[str, object]:
+    """A DATABASES entry from a URL such as ``postgresql://user:pw@host:5432/name``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ENGINES:
+        raise ValueError(f"IPY_DBRESET_DEMO_DB: unknown scheme {parts.scheme!r}")
+    if parts.scheme == "sqlite":
+        return {"ENGINE": ENGINES["sqlite"], "NAME": unquote(parts.path) or ":memory:"}
+    entry: dict[str, object] = {
+        "ENGINE": ENGINES[parts.scheme],
+        "NAME": unquote(parts.path.lstrip("/")),
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+    }
+    if parts.scheme == "mysql":
+        entry["OPTIONS"] = {"charset": "utf8mb4"}
+    if parts.scheme != "mysql" and os.environ.get("IPY_DBRESET_DEMO_POOL"):
+        entry["OPTIONS"] = {"pool": {"min_size": 1, "max_size": 4}}
+    return entry
+
+
+DATABASES = {
+    "default": database(
+        os.environ.get("IPY_DBRESET_DEMO_DB") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
+    ),
+    "other": {
+        "ENGINE": ENGINES["sqlite"],
+        "NAME": os.environ.get("IPY_DBRESET_DEMO_OTHER") or str(BASE_DIR / "other.sqlite3"),
+    },
+}
