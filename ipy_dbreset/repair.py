@@ -27,7 +27,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.db import Error
 
@@ -165,6 +165,31 @@ def _leave_innermost_atomic_block(wrapper: BaseDatabaseWrapper) -> None:
                 wrapper.in_atomic_block = False
 
 
+class _Expected(logging.Filter):
+    """Hide the pool's warnings about connections we are knowingly discarding."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("discarding closed", "discarding broken"))
+
+
+@contextlib.contextmanager
+def _quiet_pool() -> Iterator[None]:
+    pool_log = logging.getLogger("psycopg.pool")
+    expected = _Expected()
+    pool_log.addFilter(expected)
+    try:
+        yield
+    finally:
+        pool_log.removeFilter(expected)
+
+
+def _pool(wrapper: BaseDatabaseWrapper) -> Any:
+    """The wrapper's connection pool (Django 5.1+ PostgreSQL with psycopg 3), if it uses one."""
+    if "pool" not in wrapper.settings_dict.get("OPTIONS", {}):
+        return None
+    return getattr(wrapper, "pool", None)
+
+
 def _drop(wrapper: BaseDatabaseWrapper) -> None:
     """Close a connection that cannot be used again and forget its transaction."""
     raw = wrapper.connection
@@ -173,7 +198,7 @@ def _drop(wrapper: BaseDatabaseWrapper) -> None:
         # it closed and discards it instead of handing it out again.
         with contextlib.suppress(Exception):
             raw.close()
-    with contextlib.suppress(Error):
+    with _quiet_pool(), contextlib.suppress(Error):
         wrapper.close()
     if wrapper.in_atomic_block:
         wrapper.closed_in_transaction = True
@@ -211,6 +236,13 @@ def _repair(
     if verdict.problem in (Problem.LOST, Problem.STUCK):
         work = open_work(wrapper)
         _drop(wrapper)
+        pool = _pool(wrapper)
+        if pool is not None and not pool.closed:
+            # Whatever killed this connection (a server restart, a DBA) most
+            # likely killed its idle siblings in the pool too: check them now,
+            # so that the next query does not get one of them.
+            with _quiet_pool():
+                pool.check()
         return Repair(
             alias,
             "closed; the next query reconnects",

@@ -1,0 +1,50 @@
+"""A PostgreSQL server restart between cells costs no failed cell and no committed row.
+
+These tests restart the real server: every other connection to it is dropped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DRIVERS, pg_admin, unavailable
+
+pytestmark = [pytest.mark.kernel, pytest.mark.postgres, pytest.mark.restart]
+
+
+def restart_postgres() -> None:
+    clusters = Path("/etc/postgresql")
+    if not clusters.is_dir():
+        unavailable("no local PostgreSQL cluster to restart (/etc/postgresql is missing)")
+    version = sorted(p.name for p in clusters.iterdir())[-1]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
+        check=True,
+        capture_output=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            pg_admin("select 1")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_first_cell_after_server_restart_works(start_kernel, postgres_url, driver):
+    kernel = start_kernel(postgres_url, driver)
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+    restart_postgres()
+    cell = kernel.ok("Order.objects.count()")
+    assert cell.value() == 1  # the uncommitted row went with the server's transaction
+    assert any("lost: a manual transaction" in n for n in cell.notices)
+    assert kernel.ok("transaction.get_autocommit()").value() is True
+    assert kernel.failed == 0

@@ -1,0 +1,73 @@
+"""Connections owned by other threads recover too: the async ORM's and worker threads'."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import DRIVERS, terminate_backends
+
+pytestmark = [pytest.mark.kernel, pytest.mark.postgres]
+
+WORKER = """
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(1, thread_name_prefix="worker")
+def count():
+    return Order.objects.count()
+"""
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_async_orm_call_after_terminated_backend_works(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    kernel = start_kernel(postgres_url, driver)
+    kernel.ok("await Order.objects.acreate(number=1)")
+    assert kernel.ok("await Order.objects.acount()").value() == 1
+    terminate_backends(postgres_db)
+    time.sleep(0.3)
+    cell = kernel.ok("await Order.objects.acount()")
+    assert cell.value() == 1
+    assert any("lost" in notice and "thread" in notice for notice in cell.notices)
+    assert kernel.failed == 0
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_worker_thread_query_after_terminated_backend_works(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    kernel = start_kernel(postgres_url, driver)
+    kernel.ok(WORKER)
+    kernel.ok("Order.objects.create(number=1)")
+    assert kernel.ok("pool.submit(count).result()").value() == 1
+    terminate_backends(postgres_db)
+    time.sleep(0.3)
+    assert kernel.ok("pool.submit(count).result()").value() == 1
+    assert kernel.ok("Order.objects.count()").value() == 1
+    assert kernel.failed == 0
+
+
+def test_busy_worker_connection_is_left_alone(start_kernel, postgres_url, postgres_db):
+    """A thread in the middle of a transaction keeps its connection; only it may end it."""
+    kernel = start_kernel(postgres_url)
+    kernel.ok(
+        WORKER
+        + """
+import threading
+from django.db import transaction
+go = threading.Event()
+def hold_transaction():
+    with transaction.atomic():
+        Order.objects.create(number=7)
+        go.wait(30)
+        return Order.objects.count()
+job = pool.submit(hold_transaction)
+"""
+    )
+    time.sleep(0.3)
+    cell = kernel.ok("Order.objects.count()")
+    assert cell.value() == 0  # not committed yet, and not touched
+    assert cell.notices == []
+    kernel.ok("go.set(); job.result()")
+    assert kernel.ok("Order.objects.count()").value() == 1
