@@ -1,4 +1,4 @@
-"""Django's PostgreSQL connection pool (Django 5.1+, psycopg 3): repairs never hand back a broken connection."""
+"""Django's PostgreSQL pool (Django 5.1+, psycopg 3): a repair never hands back a dead connection."""
 
 from __future__ import annotations
 
