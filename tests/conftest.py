@@ -10,12 +10,15 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from harness import DEMO, ROOT, Kernel
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 PG_HOST = os.environ.get("IPY_DBRESET_TEST_PG_HOST", "127.0.0.1")

@@ -1,4 +1,4 @@
-"""Django's PostgreSQL pool (Django 5.1+, psycopg 3): a repair never hands back a dead connection."""
+"""Django's PostgreSQL pool (Django 5.1+, psycopg 3): a repair never hands back a dead one."""
 
 from __future__ import annotations
 
