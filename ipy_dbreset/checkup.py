@@ -17,9 +17,16 @@ from ipy_dbreset.repair import Repair, repair, reset
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
     from ipy_dbreset.tracking import ConnectionTracker, Tracked
 
 log = logging.getLogger(__name__)
+
+
+def _manual_transactions(wrapper: BaseDatabaseWrapper) -> None:
+    """Put a reconnected wrapper back in the mode the user chose (autocommit off)."""
+    wrapper.set_autocommit(False)
 
 
 class RepairFailed(Exception):
@@ -76,6 +83,8 @@ class Checkup:
                     )
                 except Error as exc:
                     raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
+            if result.keep_manual:
+                self.tracker.when_connected(wrapper, _manual_transactions)
             if leave:
                 self._told.add(key)
             self.last[key] = result

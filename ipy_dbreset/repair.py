@@ -56,6 +56,8 @@ class Repair:
     thread: str | None = None
     hint: str | None = None
     when: datetime = field(default_factory=datetime.now)
+    keep_manual: bool = False
+    """The connection was in manual-transaction mode: reconnect with autocommit off."""
 
     @property
     def where(self) -> str:
@@ -235,6 +237,8 @@ def _repair(
     reason = f"{verdict.problem.value}: {verdict.reason}"
     if verdict.problem in (Problem.LOST, Problem.STUCK):
         work = open_work(wrapper)
+        manual = wrapper.connection is not None and not wrapper.autocommit
+        manual = manual and not wrapper.in_atomic_block
         _drop(wrapper)
         pool = _pool(wrapper)
         if pool is not None and not pool.closed:
@@ -250,6 +254,8 @@ def _repair(
             lost=f"{work} (the server had already discarded it)" if work else None,
             problem=verdict.problem,
             thread=thread,
+            hint="autocommit stays off, as you had it" if manual else None,
+            keep_manual=manual,
         )
     if verdict.problem is Problem.ABORTED and not wrapper.in_atomic_block:
         if leave_manual:

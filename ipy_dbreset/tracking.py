@@ -67,18 +67,31 @@ class ConnectionTracker:
             BaseDatabaseWrapper, tuple[threading.Thread, _Guard]
         ] = weakref.WeakKeyDictionary()
         self._uid = f"ipy_dbreset-{id(self)}"
+        self._on_connect: weakref.WeakKeyDictionary[
+            BaseDatabaseWrapper, Callable[[BaseDatabaseWrapper], None]
+        ] = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
         connection_created.connect(self._created, weak=False, dispatch_uid=self._uid)
 
     def stop(self) -> None:
         connection_created.disconnect(dispatch_uid=self._uid)
+        self._on_connect.clear()
         for wrapper, (_, guard) in list(self._others.items()):
             if guard in wrapper.execute_wrappers:
                 wrapper.execute_wrappers.remove(guard)
         self._others.clear()
 
+    def when_connected(
+        self, wrapper: BaseDatabaseWrapper, action: Callable[[BaseDatabaseWrapper], None]
+    ) -> None:
+        """Run ``action`` (once) right after ``wrapper`` next opens a connection."""
+        self._on_connect[wrapper] = action
+
     def _created(self, sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+        action = self._on_connect.pop(connection, None)
+        if action is not None:
+            action(connection)
         thread = threading.current_thread()
         if thread is self.home:
             return
