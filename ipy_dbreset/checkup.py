@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from django.db import Error
 
-from ipy_dbreset.health import Problem, judge
+from ipy_dbreset.health import Problem, Verdict, judge
 from ipy_dbreset.repair import Repair, repair, reset
 
 if TYPE_CHECKING:
@@ -58,38 +58,56 @@ class Checkup:
         even when nothing local hints at trouble (after an interrupt).
         """
         done: list[Repair] = []
-        for tracked in self.tracker:
-            wrapper = tracked.wrapper
+        # The hot path, before and after every cell: the shell thread's own
+        # connections, judged with no object built and no lock taken.
+        for wrapper in self.tracker.home:
             if wrapper.connection is None and not wrapper.in_atomic_block:
                 continue
-            key = (wrapper.alias, tracked.thread_name)
-            with self.tracker.hold(tracked) as hold:
-                if not hold.free:
-                    log.debug("ipy_dbreset: %s in thread %s is in use; not checked", *key)
+            verdict = judge(wrapper, suspect=suspect)
+            if verdict is not None:
+                self._fix(wrapper, None, verdict, done)
+            elif self._told:
+                self._told.discard((wrapper.alias, None))
+        if self.tracker.has_others():
+            for tracked in self.tracker.others():
+                wrapper = tracked.wrapper
+                if wrapper.connection is None and not wrapper.in_atomic_block:
                     continue
-                verdict = judge(wrapper, suspect=suspect and tracked.thread is None)
-                if verdict is None:
-                    self._told.discard(key)
-                    continue
-                leave = self.leave_manual_transactions and verdict.problem is Problem.ABORTED
-                if leave and key in self._told:
-                    continue  # the user was told already; it is theirs to end
-                try:
-                    result = repair(
-                        wrapper,
-                        verdict,
-                        thread=tracked.thread_name,
-                        leave_manual_transactions=self.leave_manual_transactions,
-                    )
-                except Error as exc:
-                    raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
-            if result.keep_manual:
-                self.tracker.when_connected(wrapper, _manual_transactions)
-            if leave:
-                self._told.add(key)
-            self.last[key] = result
-            done.append(result)
+                with self.tracker.hold(tracked) as hold:
+                    if not hold.free:
+                        log.debug(
+                            "ipy_dbreset: %s in %s is in use; not checked",
+                            wrapper.alias,
+                            tracked.thread_name,
+                        )
+                        continue
+                    verdict = judge(wrapper)
+                    if verdict is not None:
+                        self._fix(wrapper, tracked.thread_name, verdict, done)
         return done
+
+    def _fix(
+        self, wrapper: BaseDatabaseWrapper, thread: str | None, verdict: Verdict, done: list[Repair]
+    ) -> None:
+        key = (wrapper.alias, thread)
+        leave = self.leave_manual_transactions and verdict.problem is Problem.ABORTED
+        if leave and key in self._told:
+            return  # the user was told already; it is theirs to end
+        try:
+            result = repair(
+                wrapper,
+                verdict,
+                thread=thread,
+                leave_manual_transactions=self.leave_manual_transactions,
+            )
+        except Error as exc:
+            raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
+        if result.keep_manual:
+            self.tracker.when_connected(wrapper, _manual_transactions)
+        if leave:
+            self._told.add(key)
+        self.last[key] = result
+        done.append(result)
 
     def reset(self, aliases: Iterable[str] | None = None) -> list[Repair]:
         """Roll back and close the connections of ``aliases`` (default: all in use)."""

@@ -62,25 +62,31 @@ class ConnectionTracker:
     """
 
     def __init__(self, home: threading.Thread | None = None) -> None:
-        self.home = home or threading.current_thread()
+        self.home_thread = home or threading.current_thread()
         self._others: weakref.WeakKeyDictionary[
             BaseDatabaseWrapper, tuple[threading.Thread, _Guard]
         ] = weakref.WeakKeyDictionary()
         self._uid = f"ipy_dbreset-{id(self)}"
+        self._lock = threading.Lock()  # other threads add to _others while we list it
+        self._home: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
         self._on_connect: weakref.WeakKeyDictionary[
             BaseDatabaseWrapper, Callable[[BaseDatabaseWrapper], None]
         ] = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
+        """Watch new connections; adopt the home thread's existing ones."""
         connection_created.connect(self._created, weak=False, dispatch_uid=self._uid)
+        self._home.update(connections.all(initialized_only=True))
 
     def stop(self) -> None:
         connection_created.disconnect(dispatch_uid=self._uid)
         self._on_connect.clear()
-        for wrapper, (_, guard) in list(self._others.items()):
-            if guard in wrapper.execute_wrappers:
-                wrapper.execute_wrappers.remove(guard)
-        self._others.clear()
+        self._home.clear()
+        with self._lock:
+            for wrapper, (_, guard) in list(self._others.items()):
+                if guard in wrapper.execute_wrappers:
+                    wrapper.execute_wrappers.remove(guard)
+            self._others.clear()
 
     def when_connected(
         self, wrapper: BaseDatabaseWrapper, action: Callable[[BaseDatabaseWrapper], None]
@@ -93,27 +99,40 @@ class ConnectionTracker:
         if action is not None:
             action(connection)
         thread = threading.current_thread()
-        if thread is self.home:
+        if thread is self.home_thread:
+            self._home.add(connection)
             return
-        known = self._others.get(connection)
-        if known is None:
-            guard = _Guard()
-            connection.execute_wrappers.append(guard)
-            self._others[connection] = (thread, guard)
+        with self._lock:
+            if connection not in self._others:
+                guard = _Guard()
+                connection.execute_wrappers.append(guard)
+                self._others[connection] = (thread, guard)
+
+    @property
+    def home(self) -> weakref.WeakSet[BaseDatabaseWrapper]:
+        """The home thread's connections that have connected at least once.
+
+        Kept from the signal: listing them with ``connections.all()`` before
+        every cell would cost more than judging them.
+        """
+        return self._home
+
+    def has_others(self) -> bool:
+        return bool(self._others)
+
+    def others(self) -> list[Tracked]:
+        """Other threads' connections."""
+        with self._lock:
+            return [Tracked(wrapper, thread) for wrapper, (thread, _) in self._others.items()]
 
     def __iter__(self) -> Iterator[Tracked]:
-        """The connections in use: the home thread's first, then other threads'.
+        """Every connection in use: the home thread's first, then other threads'.
 
         Only valid when called from the home thread.
         """
-        for wrapper in connections.all(initialized_only=True):
+        for wrapper in self._home:
             yield Tracked(wrapper, None)
-        if self._others:
-            for wrapper, (thread, _) in list(self._others.items()):
-                yield Tracked(wrapper, thread)
-
-    def home_aliases(self) -> list[str]:
-        return [w.alias for w in connections.all(initialized_only=True)]
+        yield from self.others()
 
     def hold(self, tracked: Tracked) -> _Hold:
         """A context manager that holds ``tracked`` still, or reports it busy."""

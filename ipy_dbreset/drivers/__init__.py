@@ -10,9 +10,8 @@ that local state says something happened.
 from __future__ import annotations
 
 import select
-from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -28,9 +27,12 @@ class Transaction(Enum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True)
-class Link:
-    """A snapshot of a connection as the driver sees it, taken without I/O to the server."""
+class Link(NamedTuple):
+    """A snapshot of a connection as the driver sees it, taken without I/O to the server.
+
+    A named tuple, not a dataclass: it is built for every connection before
+    and after every cell.
+    """
 
     closed: bool
     transaction: Transaction
