@@ -106,6 +106,13 @@ def _apps_ready() -> bool:
     return apps.ready
 
 
+def _half_set_up() -> bool:
+    """A django.setup() that raised while importing apps leaves the registry stuck."""
+    from django.apps import apps
+
+    return apps.loading and not apps.ready
+
+
 def setup_django(
     settings_module: str | None = None,
     *,
@@ -140,8 +147,7 @@ def setup_django(
     if settings.configured:
         # settings.configure() was called, or settings were read, but no setup():
         # finish what was started rather than second-guessing it.
-        django.setup()
-        return Setup(str(getattr(settings, "SETTINGS_MODULE", None) or "settings"), "configured")
+        return _finish_configured()
 
     start = Path.cwd() if cwd is None else cwd
     manage = find_manage_py(start)
@@ -184,8 +190,28 @@ def setup_django(
                 env[name] = old
         if path_entry is not None and path_entry in sys.path:
             sys.path.remove(path_entry)
+        if isinstance(exc, ProjectError):
+            raise
         raise ProjectError(_failed_message(module, source, exc)) from None
     return Setup(module, source, path_entry, tuple(written))
+
+
+def _finish_configured() -> Setup:
+    import django
+    from django.conf import settings
+
+    module = str(getattr(settings, "SETTINGS_MODULE", None) or "settings")
+    if _half_set_up():
+        raise ProjectError(
+            f"Django's setup with settings {module!r} failed part-way earlier in this "
+            "process and cannot be retried: fix what it reported, then restart the shell "
+            "(or kernel) and load ipy_dbreset again."
+        )
+    try:
+        django.setup()
+    except Exception as exc:
+        raise ProjectError(_failed_message(module, "configured", exc)) from None
+    return Setup(module, "configured")
 
 
 def _setup_configurations() -> None:
@@ -194,8 +220,9 @@ def _setup_configurations() -> None:
         import configurations
     except ImportError:
         raise ProjectError(
-            f"{CONFIGURATION_VARIABLE} is set, which means django-configurations, "
-            "but it is not installed: pip install django-configurations"
+            f"{CONFIGURATION_VARIABLE} is set (by the environment or manage.py), so the project "
+            "uses django-configurations, which is not installed: "
+            "pip install django-configurations"
         ) from None
     configurations.setup()
 
@@ -215,11 +242,19 @@ def _not_found_message(start: Path, manage: ManagePy | None) -> str:
 
 def _failed_message(module: str, source: str, exc: BaseException) -> str:
     detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return (
-        f"could not set up Django with settings {module!r} ({source}): {detail}. "
-        f"Check that the module is importable from {Path.cwd()} (or set "
-        f"{SETTINGS_VARIABLE} / c.DBReset.settings_module to the right one)."
-    )
+    text = f"could not set up Django with settings {module!r} ({source}): {detail}. "
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if missing is not None and (module == missing or module.startswith(f"{missing}.")):
+        # The settings module itself (or its package) is not importable from here.
+        text += f"Check that it is importable from {Path.cwd()}"
+    else:
+        text += "Fix the error in the settings"
+    text += f", or set {SETTINGS_VARIABLE} / c.DBReset.settings_module to another module."
+    if _half_set_up():
+        text += (
+            " Django cannot retry a failed setup in this process: restart the shell (or kernel)."
+        )
+    return text
 
 
 def in_event_loop() -> bool:
