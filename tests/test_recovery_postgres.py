@@ -1,0 +1,294 @@
+"""Recovery on PostgreSQL in real kernels, under psycopg 3 and psycopg2.
+
+The fault matrix for PostgreSQL: a fault between cells costs no failed cell,
+a fault inside a cell fails that cell only, and in both cases no committed row
+is lost and no transaction that could still be committed is discarded.  What
+was committed is always read back from a separate admin connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from conftest import DRIVERS, pg_admin, terminate_backends
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from harness import Cell, Kernel
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.postgres,
+    pytest.mark.parametrize("driver", DRIVERS),
+]
+
+
+@pytest.fixture
+def kernel(start_kernel: Callable[..., Kernel], postgres_url: str, driver: str) -> Kernel:
+    """A kernel on the session's PostgreSQL database, with ``shop_order`` empty."""
+    return start_kernel(postgres_url, driver)
+
+
+def committed(dbname: str) -> list[int]:
+    """The order numbers committed in ``dbname``, as another client sees them."""
+    return [n for (n,) in pg_admin("select number from shop_order order by number", dbname=dbname)]
+
+
+def backends(dbname: str) -> int:
+    rows = pg_admin(
+        "select count(*) from pg_stat_activity where datname = %s and pid <> pg_backend_pid()",
+        (dbname,),
+    )
+    return int(rows[0][0])
+
+
+def wait_until_disconnected(dbname: str, timeout: float = 10) -> None:
+    """Wait until the server has closed every session on ``dbname``."""
+    deadline = time.monotonic() + timeout
+    while backends(dbname):
+        assert time.monotonic() < deadline, f"sessions on {dbname} still open after {timeout}s"
+        time.sleep(0.05)
+
+
+def terminate(dbname: str) -> None:
+    """Terminate the kernel's backend as a DBA would, and wait until it is gone."""
+    assert terminate_backends(dbname) >= 1
+    wait_until_disconnected(dbname)
+
+
+@contextlib.contextmanager
+def database_setting(dbname: str, name: str, value: str) -> Iterator[None]:
+    """``ALTER DATABASE ... SET name = value`` for new sessions, undone afterwards."""
+    pg_admin(f"alter database \"{dbname}\" set {name} = '{value}'")
+    try:
+        yield
+    finally:
+        pg_admin(f'alter database "{dbname}" reset {name}')
+
+
+def only_notice(cell: Cell) -> str:
+    """The single ipy_dbreset line a cell showed."""
+    assert len(cell.notices) == 1, f"expected one notice, got {cell.notices}\n{cell.shown}"
+    return cell.notices[0]
+
+
+def quiet(cell: Cell) -> bool:
+    """Whether ipy_dbreset showed nothing at all in this cell."""
+    return (
+        not cell.notices
+        and "ipy_dbreset" not in cell.shown
+        and not any("ipy-dbreset" in h for h in cell.htmls)
+    )
+
+
+# -- faults between cells: no cell fails -----------------------------------------
+
+
+def test_first_cell_after_terminated_backend_works(kernel, postgres_db):
+    kernel.ok("Order.objects.create(number=1); Order.objects.create(number=2); x = 42")
+    terminate(postgres_db)
+    cell = kernel.ok("Order.objects.count(), x")
+    assert cell.value() == (2, 42)
+    notice = only_notice(cell)
+    assert "default" in notice and "connection to the server was lost" in notice
+    assert kernel.failed == 0
+    assert committed(postgres_db) == [1, 2]
+
+
+def test_first_cell_after_terminated_backend_in_manual_transaction_works(kernel, postgres_db):
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+    terminate(postgres_db)
+    cell = kernel.ok("Order.objects.count()")
+    assert cell.value() == 1  # the server discarded the uncommitted row with its transaction
+    notice = only_notice(cell)
+    assert "lost: a manual transaction (the server had already discarded it)" in notice
+    # The user is still in manual transaction mode, on a fresh connection.
+    assert kernel.ok("transaction.get_autocommit()").value() is False
+    kernel.ok("Order.objects.create(number=3); transaction.commit()")
+    assert kernel.failed == 0
+    assert committed(postgres_db) == [1, 3]
+
+
+def test_first_cell_after_idle_session_timeout_works(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    with database_setting(postgres_db, "idle_session_timeout", "1s"):
+        kernel = start_kernel(postgres_url, driver)
+        kernel.ok("Order.objects.create(number=1); x = 42")
+        wait_until_disconnected(postgres_db)  # the server gives up after 1s of idleness
+        cell = kernel.ok("Order.objects.count(), x")
+    assert cell.value() == (1, 42)
+    assert "connection to the server was lost" in only_notice(cell)
+    assert kernel.failed == 0
+    assert committed(postgres_db) == [1]
+
+
+def test_first_cell_after_idle_in_transaction_timeout_works(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    with database_setting(postgres_db, "idle_in_transaction_session_timeout", "1s"):
+        kernel = start_kernel(postgres_url, driver)
+        kernel.ok("Order.objects.create(number=1)")
+        kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+        wait_until_disconnected(postgres_db)
+        cell = kernel.ok("Order.objects.count()")
+    assert cell.value() == 1
+    assert "lost: a manual transaction" in only_notice(cell)
+    assert kernel.failed == 0
+    assert committed(postgres_db) == [1]
+
+
+# -- faults inside a cell: that cell fails, the next one works ---------------------
+
+
+def test_cell_after_integrity_error_in_manual_transaction_works(kernel, postgres_db):
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+    failed = kernel.run("Order.objects.create(number=1)")
+    assert failed.ename == "IntegrityError"
+    notice = only_notice(failed)
+    assert "default: rolled back" in notice and "lost: the aborted transaction" in notice
+    # Still in the user's manual transaction mode; the aborted transaction took row 2 with it.
+    assert kernel.ok("Order.objects.count()").value() == 1
+    kernel.ok("Order.objects.create(number=3); transaction.commit()")
+    assert kernel.failed == 1
+    assert committed(postgres_db) == [1, 3]
+
+
+def test_cell_after_error_in_open_atomic_block_works(kernel, postgres_db):
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("a = transaction.atomic(); a.__enter__(); Order.objects.create(number=2)")
+    failed = kernel.run("Order.objects.create(number=1)")
+    assert failed.ename == "IntegrityError"
+    notice = only_notice(failed)
+    assert "rolled back" in notice and "1 aborted atomic block(s)" in notice
+    assert kernel.ok("Order.objects.count(), connection.in_atomic_block").value() == (1, False)
+    assert kernel.failed == 1
+    assert committed(postgres_db) == [1]
+
+
+def test_error_in_nested_atomic_block_keeps_outer_block(kernel, postgres_db):
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("outer = transaction.atomic(); outer.__enter__(); Order.objects.create(number=2)")
+    kernel.ok("inner = transaction.atomic(); inner.__enter__(); Order.objects.create(number=3)")
+    failed = kernel.run("Order.objects.create(number=1)")
+    assert failed.ename == "IntegrityError"
+    notice = only_notice(failed)
+    assert "rolled back to a savepoint; 1 outer atomic block(s) and their work kept" in notice
+    shown = kernel.ok("sorted(Order.objects.values_list('number', flat=True))")
+    assert shown.value() == [1, 2]
+    assert kernel.ok("connection.in_atomic_block").value() is True
+    assert committed(postgres_db) == [1]  # the outer block is not committed yet ...
+    kernel.ok("outer.__exit__(None, None, None)")
+    assert committed(postgres_db) == [1, 2]  # ... and commits when the user leaves it
+    assert kernel.ok("connection.in_atomic_block").value() is False
+    assert kernel.failed == 1
+
+
+def test_cell_after_error_while_displaying_result_works(kernel, postgres_db):
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+    # The query runs only when IPython shows the QuerySet, after the cell's code.
+    shown = kernel.run('Order.objects.extra(where=["no_such_column = 1"])')
+    assert shown.ename == "ProgrammingError" and "no_such_column" in (shown.evalue or "")
+    assert "default: rolled back" in only_notice(shown)
+    assert kernel.ok("Order.objects.count()").value() == 1
+    assert kernel.failed == 1
+    assert committed(postgres_db) == [1]
+
+
+def test_cell_after_caught_integrity_error_in_manual_transaction_works(kernel, postgres_db):
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+    caught = kernel.ok(
+        "from django.db import IntegrityError\n"
+        "try:\n"
+        "    Order.objects.create(number=1)\n"
+        "except IntegrityError:\n"
+        "    print('duplicate')\n"
+    )
+    assert "duplicate" in caught.stdout
+    assert "default: rolled back" in only_notice(caught)
+    assert kernel.ok("Order.objects.count()").value() == 1
+    assert kernel.failed == 0
+    assert committed(postgres_db) == [1]
+
+
+# -- what must not be touched ------------------------------------------------------
+
+
+def test_manual_transaction_survives_non_database_error(kernel, postgres_db):
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+    failed = kernel.run("1/0")
+    assert failed.ename == "ZeroDivisionError"
+    assert quiet(failed)
+    after = kernel.ok("Order.objects.count()")
+    assert after.value() == 2 and quiet(after)
+    assert committed(postgres_db) == [1]
+    assert quiet(kernel.ok("transaction.commit()"))
+    assert committed(postgres_db) == [1, 2]
+    assert kernel.failed == 1
+
+
+def test_open_atomic_block_survives_non_database_error(kernel, postgres_db):
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("a = transaction.atomic(); a.__enter__(); Order.objects.create(number=2)")
+    failed = kernel.run("1/0")
+    assert failed.ename == "ZeroDivisionError"
+    assert quiet(failed)
+    after = kernel.ok("Order.objects.count(), connection.in_atomic_block")
+    assert after.value() == (2, True) and quiet(after)
+    assert committed(postgres_db) == [1]
+    assert quiet(kernel.ok("a.__exit__(None, None, None)"))
+    assert committed(postgres_db) == [1, 2]
+    assert kernel.failed == 1
+
+
+def test_healthy_cells_show_nothing(kernel, postgres_db):
+    cells = [
+        kernel.ok("Order.objects.create(number=1)"),
+        kernel.ok("Order.objects.count()"),
+        kernel.ok(
+            "transaction.set_autocommit(False)\n"
+            "Order.objects.create(number=2)\n"
+            "transaction.commit()\n"
+            "transaction.set_autocommit(True)"
+        ),
+        kernel.ok("with transaction.atomic():\n    Order.objects.create(number=3)"),
+        kernel.ok("a = transaction.atomic(); a.__enter__(); Order.objects.create(number=4)"),
+        kernel.ok("Order.objects.count()"),
+        kernel.ok("a.__exit__(None, None, None)"),
+        kernel.ok("x = 1"),
+    ]
+    for cell in cells:
+        assert quiet(cell), f"ipy_dbreset spoke after a healthy cell:\n{cell.code}\n{cell.shown}"
+    assert committed(postgres_db) == [1, 2, 3, 4]
+
+
+# -- leaving aborted manual transactions to the user ---------------------------------
+
+
+def test_aborted_manual_transaction_left_to_user_when_asked(kernel, postgres_db):
+    kernel.ok("%config DBReset.aborted_manual_transactions = 'leave'")
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+    failed = kernel.run("Order.objects.create(number=1)")
+    assert failed.ename == "IntegrityError"
+    notice = only_notice(failed)
+    assert "left as it is" in notice and "transaction.rollback()" in notice
+    status = kernel.ok("%dbstatus")
+    assert "aborted" in status.texts[-1]  # not rolled back behind the user's back
+    assert not status.notices
+    assert quiet(kernel.ok("x = 1"))  # the hint is not repeated on every cell
+    assert quiet(kernel.ok("transaction.rollback()"))
+    after = kernel.ok("Order.objects.count()")
+    assert after.value() == 1 and quiet(after)
+    assert kernel.failed == 1
+    assert committed(postgres_db) == [1]
