@@ -90,6 +90,8 @@ def shorten(notebook: nbformat.NotebookNode, paths: dict[str, str]) -> None:
                     output["data"][mime] = fix(value)
             if "evalue" in output:
                 output["evalue"] = fix(output["evalue"])
+            if "traceback" in output:
+                output["traceback"] = [fix(line) for line in output["traceback"]]
 
 
 def output_text(output: dict[str, Any]) -> str:
