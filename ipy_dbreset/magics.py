@@ -33,6 +33,9 @@ from traitlets import Bool, Enum, Int, Unicode, observe
 from ipy_dbreset.display import Notice, Table, repair_notice
 
 if TYPE_CHECKING:
+    from argparse import Namespace
+    from collections.abc import Callable
+
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
@@ -256,12 +259,7 @@ class DBReset(Magics):
             %dbreset default replica
             result = %dbreset -q
         """
-        try:
-            args = parse_argstring(self.dbreset, line)
-        except UsageError:
-            raise
-        except SystemExit:  # argparse's way of saying "bad arguments"
-            raise UsageError(f"%dbreset: cannot parse {line!r}; see %dbreset?") from None
+        args = _parse(self.dbreset, "dbreset", line)
         aliases = self._aliases(args.aliases) if args.aliases else None
         from ipy_dbreset.checkup import RepairFailed
 
@@ -300,10 +298,7 @@ class DBReset(Magics):
         """
         from ipy_dbreset.health import snapshot
 
-        try:
-            args = parse_argstring(self.dbstatus, line)
-        except SystemExit:
-            raise UsageError(f"%dbstatus: cannot parse {line!r}; see %dbstatus?") from None
+        args = _parse(self.dbstatus, "dbstatus", line)
         wanted = set(self._aliases(args.aliases)) if args.aliases else None
         if self.checkup is None:
             raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
@@ -339,6 +334,19 @@ class DBReset(Magics):
             "last repair",
         ]
         return Table(columns, rows, "no database connection in use")
+
+
+def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
+    """Parse a magic's arguments; any bad input is a UsageError that points to the help."""
+    try:
+        return parse_argstring(magic, line)  # type: ignore[no-any-return]
+    except UsageError as exc:  # argparse's own complaint, e.g. "unrecognized arguments: -x"
+        message = str(exc)
+    except ValueError as exc:  # the line does not split, e.g. "No closing quotation"
+        message = str(exc)
+    except SystemExit:  # argparse giving up without a message
+        message = f"cannot parse {line!r}"
+    raise UsageError(f"%{name}: {message}; see %{name}?")
 
 
 def _loaded(ipython: InteractiveShell) -> DBReset | None:

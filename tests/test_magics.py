@@ -1,0 +1,416 @@
+"""``%dbreset``, ``%dbstatus`` and ``%config DBReset`` in a real IPython shell.
+
+The shell is IPython's own test shell, in this process; Django is set up once
+with the demo project (``notebooks/``) on fresh SQLite files, and connections
+are broken for real (a connection closed inside an open atomic block).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from harness import DEMO, ROOT
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+# -- the shell and the demo project, in this process ------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_django(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Django set up once in this process: the demo project on fresh SQLite files."""
+    import django
+    from django.apps import apps
+    from django.core.management import call_command
+
+    if apps.ready:
+        if not apps.is_installed("shop"):
+            pytest.skip("Django was set up in this process with another project")
+        return
+    folder = tmp_path_factory.mktemp("demo-db")
+    chosen = {
+        "DJANGO_SETTINGS_MODULE": "demo.settings",
+        "IPY_DBRESET_DEMO_DB": f"sqlite:///{folder / 'db.sqlite3'}",
+        "IPY_DBRESET_DEMO_OTHER": str(folder / "other.sqlite3"),
+    }
+    saved = {name: os.environ.get(name) for name in chosen}
+    os.environ.update(chosen)
+    for folder in (ROOT, DEMO):  # the package (when not installed) and the demo's apps
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    try:
+        django.setup()
+        call_command("migrate", verbosity=0)
+    finally:
+        # Settings are read by now; leave the environment as other tests expect it.
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def release_connections() -> None:
+    """Put every connection of this thread back to closed and idle, whatever a test did."""
+    from django.db import connections
+
+    for wrapper in connections.all(initialized_only=True):
+        wrapper.atomic_blocks.clear()
+        wrapper.savepoint_ids.clear()
+        wrapper.in_atomic_block = False
+        wrapper.needs_rollback = False
+        wrapper.closed_in_transaction = False
+        wrapper.close()  # SQLite rolls back what was not committed
+
+
+@pytest.fixture
+def bare_shell(demo_django: None) -> Iterator[InteractiveShell]:
+    """IPython's test shell without the extension; unloaded and cleaned up afterwards."""
+    from IPython.testing import globalipapp
+
+    globalipapp.start_ipython()
+    shell = globalipapp.get_ipython()
+    release_connections()
+    yield shell
+    if "ipy_dbreset" in shell.extension_manager.loaded:
+        shell.run_line_magic("unload_ext", "ipy_dbreset")
+    shell.config.pop("DBReset", None)  # %config writes through to the shell's config
+    release_connections()
+
+
+@pytest.fixture
+def shell(bare_shell: InteractiveShell) -> InteractiveShell:
+    """The test shell with ``%load_ext ipy_dbreset`` done and the ORM imported."""
+    assert run(bare_shell, "%load_ext ipy_dbreset").ok
+    assert run(
+        bare_shell,
+        "from django.db import connection, connections, transaction\nfrom shop.models import Order",
+    ).ok
+    return bare_shell
+
+
+@dataclass
+class Ran:
+    """What a cell did and everything it showed."""
+
+    error: BaseException | None
+    result: Any
+    stdout: str
+    stderr: str
+    texts: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def shown(self) -> str:
+        return "\n".join([self.stdout, self.stderr, *self.texts])
+
+    @property
+    def notices(self) -> list[str]:
+        return [t for t in self.texts if t.startswith("ipy_dbreset:")]
+
+
+def run(shell: InteractiveShell, code: str) -> Ran:
+    """Run ``code`` as a cell (callbacks and all) and capture what it showed."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as shown:
+        result = shell.run_cell(code, store_history=True)
+    return Ran(
+        result.error_in_exec or result.error_before_exec,
+        result.result,
+        shown.stdout,
+        shown.stderr,
+        [o.data.get("text/plain", "") for o in shown.outputs],
+    )
+
+
+def state(alias: str = "default") -> tuple[object, ...]:
+    """What must not change when a magic refuses its input."""
+    from django.db import connections
+
+    wrapper = connections[alias]
+    return (
+        wrapper,
+        wrapper.connection,
+        wrapper.in_atomic_block,
+        len(wrapper.atomic_blocks),
+        wrapper.needs_rollback,
+        wrapper.autocommit,
+    )
+
+
+def open_atomic_with_a_row(shell: InteractiveShell, number: int) -> None:
+    """An atomic block left open by the user, holding an uncommitted row."""
+    assert run(
+        shell,
+        "atomic = transaction.atomic(); atomic.__enter__()\n"
+        f"Order.objects.create(number={number}, customer='x')",
+    ).ok
+
+
+# -- help -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("magic", "expected"),
+    [
+        ("dbreset", ["Reset Django database connections now", "-q, --quiet", "ALIAS"]),
+        ("dbstatus", ["Show every Django connection in use", "never shows a password", "ALIAS"]),
+    ],
+)
+def test_magic_help_shows_docstring_and_options(
+    shell: InteractiveShell, magic: str, expected: list[str]
+) -> None:
+    ran = run(shell, f"%{magic}?")
+    assert ran.ok, ran.shown
+    assert f"%{magic} [" in ran.shown
+    for text in expected:
+        assert text in ran.shown
+
+
+# -- %dbreset ---------------------------------------------------------------------
+
+
+def test_dbreset_returns_what_it_reset_and_q_prints_nothing(shell: InteractiveShell) -> None:
+    from ipy_dbreset.magics import ResetResult
+    from ipy_dbreset.repair import Repair
+
+    assert run(shell, "connections['other'].ensure_connection()").ok
+    open_atomic_with_a_row(shell, 1001)
+    ran = run(shell, "result = %dbreset -q")
+    assert ran.ok, ran.shown
+    assert (ran.stdout, ran.stderr, ran.texts) == ("", "", [])
+    result = shell.user_ns["result"]
+    assert isinstance(result, ResetResult)
+    assert all(isinstance(repair, Repair) for repair in result)
+    assert sorted(repair.alias for repair in result) == ["default", "other"]
+    default = next(repair for repair in result if repair.alias == "default")
+    assert default.lost is not None and "atomic block" in default.lost
+    # The next cell works on a fresh connection; the uncommitted row went with the reset.
+    after = run(shell, "Order.objects.filter(number=1001).exists(), connection.in_atomic_block")
+    assert after.ok, after.shown
+    assert after.result == (False, False)
+
+
+def test_dbreset_alias_resets_only_that_alias(shell: InteractiveShell) -> None:
+    assert run(shell, "connections['other'].ensure_connection()").ok
+    open_atomic_with_a_row(shell, 1002)
+    before = state("default")
+    ran = run(shell, "%dbreset -q other")
+    assert ran.ok, ran.shown
+    assert [repair.alias for repair in ran.result] == ["other"]
+    assert state("default") == before
+    assert run(shell, "Order.objects.filter(number=1002).exists()").result is True
+    from django.db import connections
+
+    assert connections["other"].connection is None
+
+
+def test_dbreset_says_once_what_it_did(shell: InteractiveShell) -> None:
+    assert run(shell, "connection.ensure_connection()").ok
+    ran = run(shell, "%dbreset")
+    assert ran.ok, ran.shown
+    assert len(ran.notices) == 1, ran.texts
+    assert ran.notices[0].startswith("ipy_dbreset: default: reset")
+    again = run(shell, "%dbreset")
+    assert again.notices == ["ipy_dbreset: nothing to reset: no open connection for any alias"]
+    assert list(again.result) == []
+
+
+@pytest.mark.parametrize("magic", ["dbreset", "dbstatus"])
+@pytest.mark.parametrize("line", ["nope", "default nope", "-q nope"])
+def test_unknown_alias_is_a_usage_error_that_touches_nothing(
+    shell: InteractiveShell, magic: str, line: str
+) -> None:
+    from IPython.core.error import UsageError
+
+    if magic == "dbstatus" and line.startswith("-q"):
+        line = line.removeprefix("-q ")
+    open_atomic_with_a_row(shell, 1003)
+    before = state("default")
+    ran = run(shell, f"%{magic} {line}")
+    assert isinstance(ran.error, UsageError), ran.shown
+    assert "'nope'" in str(ran.error)
+    assert "Traceback" not in ran.shown
+    assert state("default") == before
+    # The user's uncommitted row is still there, in the same transaction.
+    assert run(shell, "Order.objects.filter(number=1003).exists()").result is True
+
+
+@pytest.mark.parametrize("magic", ["dbreset", "dbstatus"])
+@pytest.mark.parametrize(
+    "line", ["-x", "--nope", "-q=1", "--quiet=yes", "-h", "--help", "'unclosed", 'default "']
+)
+def test_bad_options_are_usage_errors(shell: InteractiveShell, magic: str, line: str) -> None:
+    from IPython.core.error import UsageError
+
+    open_atomic_with_a_row(shell, 1004)
+    before = state("default")
+    ran = run(shell, f"%{magic} {line}")
+    assert isinstance(ran.error, UsageError), ran.shown
+    assert "Traceback" not in ran.shown
+    assert f"%{magic}?" in str(ran.error)  # points to the help
+    assert state("default") == before
+
+
+def test_without_the_extension_the_magics_do_not_exist(bare_shell: InteractiveShell) -> None:
+    ran = run(bare_shell, "%dbreset")
+    assert ran.error is not None and "not found" in ran.shown
+
+
+# -- %dbstatus --------------------------------------------------------------------
+
+
+def test_dbstatus_shows_a_row_per_connection_without_connecting(shell: InteractiveShell) -> None:
+    from django.db import connections
+
+    from ipy_dbreset.display import Table
+
+    idle = run(shell, "%dbstatus")
+    assert idle.ok, idle.shown
+    assert isinstance(idle.result, Table)
+    assert all(row[4] == "no" for row in idle.result.rows)  # "connected"
+    assert connections["default"].connection is None  # reporting opened nothing
+
+    open_atomic_with_a_row(shell, 1005)
+    assert run(shell, "connections['other'].ensure_connection()").ok
+    table = run(shell, "%dbstatus").result
+    assert sorted(row[0] for row in table.rows) == ["default", "other"]
+    text = str(table)
+    assert text.splitlines()[0].split()[:2] == ["alias", "thread"]
+    assert "sqlite" in text and "atomic" in text
+    only = run(shell, "%dbstatus other").result
+    assert [row[0] for row in only.rows] == ["other"]
+
+
+# -- configuration ----------------------------------------------------------------
+
+TRAITS = (
+    "auto_repair",
+    "check_before_cell",
+    "aborted_manual_transactions",
+    "allow_async_unsafe",
+    "settings_module",
+    "verbosity",
+)
+
+
+def test_config_lists_every_option_with_its_help(shell: InteractiveShell) -> None:
+    from ipy_dbreset.magics import DBReset
+
+    ran = run(shell, "%config DBReset")
+    assert ran.ok, ran.shown
+    for name in TRAITS:
+        assert f"DBReset.{name}=" in ran.shown
+        help_start = DBReset.class_traits()[name].help.split()[:4]
+        assert " ".join(help_start) in " ".join(ran.shown.split())
+
+
+def broken(shell: InteractiveShell) -> Ran:
+    """A cell that leaves ``default`` closed inside an open atomic block."""
+    return run(
+        shell,
+        "atomic = transaction.atomic(); atomic.__enter__()\n"
+        "Order.objects.create(number=2001, customer='x')\n"
+        "connection.close()",
+    )
+
+
+def test_auto_repair_off_stops_repairs_and_on_resumes_them(shell: InteractiveShell) -> None:
+    from django.db import connection
+
+    assert run(shell, "%config DBReset.auto_repair = False").ok
+    cell = broken(shell)
+    assert cell.ok and cell.notices == [], cell.shown
+    assert connection.in_atomic_block and connection.closed_in_transaction
+    quiet = run(shell, "1 + 1")
+    assert quiet.notices == [] and connection.closed_in_transaction
+
+    # Turned back on, the repair happens right after the %config cell, and the next works.
+    enable = run(shell, "%config DBReset.auto_repair = True")
+    assert enable.ok, enable.shown
+    assert len(enable.notices) == 1 and "default" in enable.notices[0], enable.texts
+    after = run(shell, "Order.objects.filter(number=2001).exists()")
+    assert after.ok, after.shown
+    assert after.result is False
+    assert not connection.in_atomic_block
+
+
+def test_verbosity_0_repairs_without_a_word_but_logs(
+    shell: InteractiveShell, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.db import connection
+
+    assert run(shell, "%config DBReset.verbosity = 0").ok
+    with caplog.at_level(logging.INFO, logger="ipy_dbreset"):
+        cell = broken(shell)
+    assert cell.ok, cell.shown
+    assert cell.shown.strip() == ""
+    assert not connection.in_atomic_block
+    assert any(
+        "default" in r.getMessage() for r in caplog.records if r.name.startswith("ipy_dbreset")
+    )
+    after = run(shell, "Order.objects.filter(number=2001).exists()")
+    assert after.ok and after.result is False and "ipy_dbreset" not in after.shown, after.shown
+
+
+def test_verbosity_1_says_what_was_repaired(shell: InteractiveShell) -> None:
+    cell = broken(shell)
+    assert cell.ok, cell.shown
+    assert len(cell.notices) == 1
+    assert cell.notices[0].startswith("ipy_dbreset: default:")
+    assert "atomic block" in cell.notices[0]
+
+
+# -- no secret in any output ------------------------------------------------------
+
+SECRET = "Sup3r-Secret-pw"
+
+
+@pytest.mark.kernel
+@pytest.mark.postgres
+def test_no_output_shows_the_database_password(start_kernel, postgres_url, postgres_db) -> None:
+    """PostgreSQL here trusts local users, so a PASSWORD is accepted and must stay unseen."""
+    import time
+
+    from conftest import terminate_backends
+
+    url = postgres_url.replace("postgresql://postgres@", f"postgresql://postgres:{SECRET}@")
+    kernel = start_kernel(url, load=False)
+    kernel.ok("%load_ext ipy_dbreset")
+    kernel.ok("from shop.models import Order\nfrom django.db import connection, transaction")
+    kernel.ok("from django.conf import settings; assert settings.DATABASES['default']['PASSWORD']")
+    kernel.ok("Order.objects.create(number=1, customer='x')")
+    kernel.ok("%dbstatus")
+    # A fault inside a cell, one between cells, a reset, bad input, the config.
+    kernel.run(
+        "transaction.set_autocommit(False)\n"
+        "Order.objects.create(number=2, customer='x')\n"
+        "Order.objects.create(number=2, customer='x')"
+    )
+    kernel.ok("transaction.set_autocommit(True)")
+    assert terminate_backends(postgres_db) >= 1
+    time.sleep(0.2)
+    kernel.ok("Order.objects.count()")
+    kernel.ok("%dbstatus default")
+    kernel.ok("%dbreset")
+    kernel.run("%dbreset default nope")
+    kernel.run("%dbstatus 'unclosed")
+    kernel.ok("%config DBReset")
+    notices = [notice for cell in kernel.cells for notice in cell.notices]
+    assert any("lost" in notice for notice in notices), notices  # repairs were reported
+    everything = "\n".join(cell.shown + "\n".join(cell.htmls) for cell in kernel.cells)
+    assert "127.0.0.1" in everything  # %dbstatus did show where it connects
+    assert SECRET not in everything
