@@ -108,10 +108,11 @@ class DBReset(Magics):
     ).tag(config=True)
 
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
-        super().__init__(shell=shell, **kwargs)
+        # Before super().__init__: it loads the shell's config, which runs the observers.
         self.checkup: Checkup | None = None
         self._set_async_unsafe = False
         self._last_reset: ResetResult | None = None
+        super().__init__(shell=shell, **kwargs)
 
     # -- life cycle ----------------------------------------------------------
 
