@@ -217,3 +217,40 @@ def test_async_orm_notebook_recovers_the_worker_threads_connection(tmp_path, pos
 
     opted_out = run.cell("allow_async_unsafe = False")
     assert run.result(run.after(opted_out)) == "2"
+
+
+# -- found while writing the notebooks --------------------------------------------------
+
+TERMINATE_OWN_BACKEND = """
+import os, psycopg
+transaction.set_autocommit(False)
+Order.objects.create(number={number})
+with connection.cursor() as cursor:
+    cursor.execute("select pg_backend_pid()")
+    (pid,) = cursor.fetchone()
+with psycopg.connect(os.environ["IPY_DBRESET_DEMO_DB"], autocommit=True) as dba:
+    dba.execute("select pg_terminate_backend(%s)", [pid])
+    while dba.execute("select 1 from pg_stat_activity where pid = %s", [pid]).fetchone():
+        pass
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=False,
+    reason=(
+        "psycopg 3: a check that runs after the server sent its FATAL 'terminating connection' "
+        "message but before it closed the socket misses it (~20% of tries here): lost() "
+        "consumes the message, libpq's status stays OK and nothing more is readable, so it "
+        "answers 'alive'. The message is then in libpq's buffer, not on the socket, so the "
+        "next cell's pre-run check sees nothing pending either, and its first query fails "
+        "with OperationalError (~3% of tries). psycopg2's pre-run check catches it."
+    ),
+)
+def test_cell_after_terminating_its_own_backend_at_the_very_end_works(start_kernel, postgres_url):
+    """The recovering notebook's scenario without the pause: no repeat may lose the next cell."""
+    kernel = start_kernel(postgres_url)
+    for attempt in range(30):
+        kernel.ok(TERMINATE_OWN_BACKEND.format(number=100 + attempt))
+        kernel.ok("Order.objects.count()")
+        kernel.ok("transaction.rollback(); transaction.set_autocommit(True)")
