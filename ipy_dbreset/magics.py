@@ -133,8 +133,11 @@ class DBReset(Magics):
         self.checkup = Checkup(
             tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
         )
-        if setup.source != "already set up" and self.verbosity >= 1:
-            self._say(Notice(setup.describe(), "info"))
+        if setup.source != "already set up":
+            # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
+            log.info("ipy_dbreset: %s", setup.describe())
+            if self.verbosity >= 1:
+                self._say(Notice(setup.describe(), "info"))
         self._apply_async_unsafe()
 
     def stop(self) -> None:

@@ -270,6 +270,23 @@ def test_notebook_in_a_project_subfolder_finds_the_nearest_manage_py(tmp_path: P
     )
 
 
+def test_quiet_setup_still_goes_to_the_log(tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    session = run_shell(
+        [
+            "import logging, sys\nlogging.basicConfig(level=logging.INFO, stream=sys.__stderr__)",
+            "%load_ext ipy_dbreset",
+        ],
+        project / "notebooks",
+        config={"DBReset": {"verbosity": 0}},
+        tmp_path=tmp_path,
+    )
+    assert_loaded(session[1])
+    assert session[1].texts == []
+    assert "ipy_dbreset: Django set up with mysite.settings" in session.output
+    assert "set DJANGO_SETTINGS_MODULE" in session.output
+
+
 def test_manage_py_that_assigns_the_variable_is_read_too(tmp_path: Path) -> None:
     project = make_project(tmp_path)
     (project / "manage.py").write_text(
