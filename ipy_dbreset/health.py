@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from ipy_dbreset.drivers import Transaction, driver_for
+from ipy_dbreset.drivers import Liveness, Transaction, driver_for
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -23,7 +23,7 @@ class Problem(Enum):
     """What can be wrong with a connection, in the order they are looked for."""
 
     LOST = "the connection to the server was lost"
-    STUCK = "a query was left running"
+    STUCK = "a query was left unfinished"
     ABORTED = "the transaction was aborted by an error"
     MARKED = "the open atomic block was marked for rollback after an error"
 
@@ -60,12 +60,16 @@ def judge(wrapper: BaseDatabaseWrapper, *, suspect: bool = False) -> Verdict | N
     link = driver.link(wrapper)
     if link.closed:
         return Verdict(Problem.LOST, "the driver reports it closed", link.transaction)
-    if (link.pending or suspect) and driver.lost(wrapper):
-        return Verdict(Problem.LOST, "the server closed it", link.transaction)
+    if link.pending or suspect:
+        liveness = driver.liveness(wrapper)
+        if liveness is Liveness.LOST:
+            return Verdict(Problem.LOST, "the server closed it", link.transaction)
+        if liveness is Liveness.UNREAD:
+            return Verdict(Problem.STUCK, "an interrupted query's result", link.transaction)
     if link.transaction is Transaction.INERROR:
         return Verdict(Problem.ABORTED, "a statement failed", link.transaction)
     if link.transaction is Transaction.ACTIVE:
-        return Verdict(Problem.STUCK, "its result was never read", link.transaction)
+        return Verdict(Problem.STUCK, "still running", link.transaction)
     if wrapper.in_atomic_block and wrapper.needs_rollback:
         return Verdict(Problem.MARKED, "a query failed inside it", link.transaction)
     return None

@@ -235,6 +235,15 @@ def _repair(
 ) -> Repair:
     alias = wrapper.alias
     reason = f"{verdict.problem.value}: {verdict.reason}"
+    if verdict.problem is Problem.STUCK and driver_for(wrapper.connection).settle(wrapper):
+        return Repair(
+            alias,
+            "read and dropped the unread result; the transaction is kept",
+            reason,
+            problem=verdict.problem,
+            thread=thread,
+            hint="the interrupted query ran to its end on the server",
+        )
     if verdict.problem in (Problem.LOST, Problem.STUCK):
         work = open_work(wrapper)
         manual = wrapper.connection is not None and not wrapper.autocommit

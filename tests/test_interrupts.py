@@ -170,23 +170,16 @@ def test_next_cell_after_interrupted_mysql_query_works(start_kernel, mysql_url, 
 
 
 @pytest.mark.mysql
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "mysqlclient's query() returns before the rows are read; the interrupt lands there and "
-        "leaves the result unread. The suspect check's ping() then fails with 2014 'Commands out "
-        "of sync', which drivers/mysqlclient.py lost() takes for a dead connection, so a live, "
-        "committable transaction is dropped and reported as discarded by the server."
-    ),
-)
 @pytest.mark.parametrize("mode", IN_TRANSACTION)
 def test_interrupted_mysql_query_keeps_the_open_transaction(
     start_kernel, mysql_url, mysql_db, mode
 ):
     kernel = start_kernel(mysql_url)
     done = interrupt_long_query(kernel, mode, MYSQL_QUERY, MYSQL_ID)
-    # The query ran to its end on the server: the transaction is intact.
+    # The query ran to its end on the server: the transaction is intact, and
+    # only the result the interrupt left unread is dropped.
     assert not any("lost" in n for n in done.notices), done.notices
+    assert any("unread result" in n for n in done.notices), done.notices
     assert done.next_cell.value() == 2
     kernel.ok(MODES[mode][1])
     assert kernel.failed == 1

@@ -27,6 +27,14 @@ class Transaction(Enum):
     UNKNOWN = "unknown"
 
 
+class Liveness(Enum):
+    """What a closer look at a connection with pending input finds."""
+
+    ALIVE = "alive"
+    LOST = "lost"
+    UNREAD = "unread"  # alive, but a query's result was never read (an interrupt)
+
+
 class Link(NamedTuple):
     """A snapshot of a connection as the driver sees it, taken without I/O to the server.
 
@@ -48,12 +56,17 @@ class Driver(Protocol):
     def link(self, wrapper: BaseDatabaseWrapper) -> Link:
         """Describe ``wrapper.connection`` from local state only."""
 
-    def lost(self, wrapper: BaseDatabaseWrapper) -> bool:
-        """Confirm that a connection with pending input is gone.
+    def liveness(self, wrapper: BaseDatabaseWrapper) -> Liveness:
+        """Find out whether a connection with pending input is gone.
 
-        Called only when :meth:`link` reported ``pending``.  It may read what the
-        server sent, and on drivers where that says nothing, make one round trip.
+        Called only when :meth:`link` reported ``pending`` or something else
+        (an interrupt) makes trouble plausible.  It may read what the server
+        sent, and on drivers where that says nothing, make one round trip.
+        It changes nothing.
         """
+
+    def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
+        """Read and drop a result left unread, keeping the transaction; False if it cannot."""
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         """The server's process or thread id for this connection, if known locally."""

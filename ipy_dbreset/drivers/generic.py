@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ipy_dbreset.drivers import Link, Transaction
+from ipy_dbreset.drivers import Link, Liveness, Transaction
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -22,7 +22,10 @@ class Generic:
             transaction = Transaction.INTRANS if in_transaction else Transaction.IDLE
         return Link(closed=False, transaction=transaction, pending=False)
 
-    def lost(self, wrapper: BaseDatabaseWrapper) -> bool:
+    def liveness(self, wrapper: BaseDatabaseWrapper) -> Liveness:
+        return Liveness.ALIVE
+
+    def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:

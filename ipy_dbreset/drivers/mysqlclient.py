@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import MySQLdb
+from MySQLdb.constants import CR
 
-from ipy_dbreset.drivers import Link, Transaction, readable
+from ipy_dbreset.drivers import Link, Liveness, Transaction, readable
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -28,12 +29,31 @@ class MySQLClient:
             pending=wrapper.errors_occurred or readable(raw.fileno()),
         )
 
-    def lost(self, wrapper: BaseDatabaseWrapper) -> bool:
+    def liveness(self, wrapper: BaseDatabaseWrapper) -> Liveness:
         try:
             wrapper.connection.ping()
+        except MySQLdb.ProgrammingError as exc:
+            # An interrupt between sending a query and reading its result
+            # leaves the client "out of sync": libmariadb refuses before
+            # sending anything.  The server finished the query; the
+            # connection and its transaction are alive.
+            if exc.args and exc.args[0] == CR.COMMANDS_OUT_OF_SYNC:
+                return Liveness.UNREAD
+            return Liveness.LOST
         except MySQLdb.Error:
-            return True
-        return False
+            return Liveness.LOST
+        return Liveness.ALIVE
+
+    def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
+        raw = wrapper.connection
+        try:
+            raw.store_result()
+            while raw.next_result() == 0:
+                raw.store_result()
+            raw.ping()
+        except MySQLdb.Error:
+            return False
+        return True
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         raw = wrapper.connection

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import pq
 
-from ipy_dbreset.drivers import Link, Transaction, libpq_transaction, readable
+from ipy_dbreset.drivers import Link, Liveness, Transaction, libpq_transaction, readable
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -26,7 +26,7 @@ class Psycopg:
             pending=readable(raw.pgconn.socket),
         )
 
-    def lost(self, wrapper: BaseDatabaseWrapper) -> bool:
+    def liveness(self, wrapper: BaseDatabaseWrapper) -> Liveness:
         pgconn = wrapper.connection.pgconn
         # PQconsumeInput never blocks; a server that has gone away shows as EOF.
         # The termination notice and the EOF may arrive in two reads.
@@ -34,12 +34,15 @@ class Psycopg:
             try:
                 pgconn.consume_input()
             except psycopg.OperationalError:
-                return True
+                return Liveness.LOST
             if pgconn.status != pq.ConnStatus.OK:
-                return True
+                return Liveness.LOST
             if not readable(pgconn.socket):
-                return False
-        return False
+                return Liveness.ALIVE
+        return Liveness.ALIVE
+
+    def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False  # libpq has no safe way to drain a query left running
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         raw = wrapper.connection

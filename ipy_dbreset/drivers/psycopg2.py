@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import psycopg2
 
-from ipy_dbreset.drivers import Link, Transaction, libpq_transaction, readable
+from ipy_dbreset.drivers import Link, Liveness, Transaction, libpq_transaction, readable
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -25,7 +25,7 @@ class Psycopg2:
             pending=readable(raw.fileno()),
         )
 
-    def lost(self, wrapper: BaseDatabaseWrapper) -> bool:
+    def liveness(self, wrapper: BaseDatabaseWrapper) -> Liveness:
         raw = wrapper.connection
         # poll() reads what the server sent without sending anything; on EOF it
         # raises and marks the connection closed.
@@ -33,12 +33,15 @@ class Psycopg2:
             try:
                 raw.poll()
             except (psycopg2.OperationalError, psycopg2.InterfaceError):
-                return True
+                return Liveness.LOST
             if raw.closed:
-                return True
+                return Liveness.LOST
             if not readable(raw.fileno()):
-                return False
-        return False
+                return Liveness.ALIVE
+        return Liveness.ALIVE
+
+    def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False  # libpq has no safe way to drain a query left running
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         raw = wrapper.connection
