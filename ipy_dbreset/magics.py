@@ -94,6 +94,15 @@ class DBReset(Magics):
             "repairs work either way."
         ),
     ).tag(config=True)
+    interruptible_psycopg2 = Bool(
+        False,
+        help=(
+            "Let the stop button / Ctrl-C cancel a running query under psycopg2, which "
+            "otherwise cannot be interrupted until the server answers (psycopg 3 can "
+            "always). Uses psycopg2's wait_select callback: COPY and large objects are "
+            "then unavailable."
+        ),
+    ).tag(config=True)
     settings_module = Unicode(
         None,
         allow_none=True,
@@ -111,6 +120,7 @@ class DBReset(Magics):
         # Before super().__init__: it loads the shell's config, which runs the observers.
         self.checkup: Checkup | None = None
         self._set_async_unsafe = False
+        self._set_wait_callback = False
         self._last_reset: ResetResult | None = None
         super().__init__(shell=shell, **kwargs)
 
@@ -139,6 +149,7 @@ class DBReset(Magics):
             if self.verbosity >= 1:
                 self._say(Notice(setup.describe(), "info"))
         self._apply_async_unsafe()
+        self._apply_interruptible()
 
     def stop(self) -> None:
         if self.checkup is not None:
@@ -149,6 +160,29 @@ class DBReset(Magics):
 
             os.environ.pop(ASYNC_UNSAFE_VARIABLE, None)
             self._set_async_unsafe = False
+        if self._set_wait_callback:
+            self._psycopg2_interruptible(False)
+
+    def _psycopg2_interruptible(self, on: bool) -> bool:
+        try:
+            from ipy_dbreset.drivers.psycopg2 import make_interruptible
+        except ImportError:  # psycopg2 is not installed: nothing to make interruptible
+            return False
+        changed = make_interruptible(on)
+        if changed:
+            self._set_wait_callback = on
+        return changed
+
+    def _apply_interruptible(self) -> None:
+        if self.checkup is None:
+            return
+        if self._psycopg2_interruptible(self.interruptible_psycopg2) and self.verbosity >= 1:
+            state = "can" if self.interruptible_psycopg2 else "cannot"
+            self._say(Notice(f"the stop button {state} cancel psycopg2 queries now", "info"))
+
+    @observe("interruptible_psycopg2")
+    def _interruptible_changed(self, change: Bunch) -> None:
+        self._apply_interruptible()
 
     def _in_kernel(self) -> bool:
         from ipy_dbreset.project import in_event_loop

@@ -184,3 +184,26 @@ def test_interrupted_mysql_query_keeps_the_open_transaction(
     kernel.ok(MODES[mode][1])
     assert kernel.failed == 1
     assert mysql_committed(mysql_db) == [1, 2]
+
+
+@pytest.mark.postgres
+def test_stop_button_cancels_psycopg2_query_when_asked(start_kernel, postgres_url, postgres_db):
+    """With interruptible_psycopg2 the stop button cancels the query instead of waiting it out."""
+    kernel = start_kernel(postgres_url, "psycopg2")
+    kernel.ok("%config DBReset.interruptible_psycopg2 = True")
+    kernel.ok("Order.objects.create(number=1)")
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+    pid = int(kernel.ok("connection.connection.info.backend_pid").value())
+    started = time.monotonic()
+    cell = kernel.interrupt_during(f"connection.cursor().execute({PG_QUERY!r})", 1.0)
+    assert time.monotonic() - started < PG_SLEEP / 2
+    # Django raises psycopg2's QueryCanceled as its OperationalError.
+    assert cell.ename == "OperationalError", cell.shown
+    assert "canceling statement due to user request" in cell.evalue
+    assert any("rolled back" in n for n in cell.notices), cell.notices
+    assert pg_running(pid) == []
+    assert kernel.ok("Order.objects.count()").value() == 1
+    kernel.ok("%config DBReset.interruptible_psycopg2 = False")
+    kernel.ok("import psycopg2.extensions; assert psycopg2.extensions.get_wait_callback() is None")
+    assert kernel.failed == 1
+    assert pg_committed(postgres_db) == [1]

@@ -48,3 +48,26 @@ class Psycopg2:
         if raw is None or raw.closed:
             return None
         return int(raw.info.backend_pid)
+
+
+def make_interruptible(on: bool) -> bool:
+    """Let Ctrl-C cancel a running psycopg2 query, or stop doing so.
+
+    psycopg2 waits for the server inside libpq, where an interrupt cannot
+    reach it; with psycopg2's own ``wait_select`` callback the wait happens in
+    Python, and an interrupt sends a cancel request.  The price is psycopg2's
+    "green" mode, where COPY and large objects are unavailable, hence opt-in.
+    Returns whether this call changed anything; a callback set by someone
+    else is never replaced or removed.
+    """
+    import psycopg2.extensions
+    import psycopg2.extras
+
+    current = psycopg2.extensions.get_wait_callback()
+    if on and current is None:
+        psycopg2.extensions.set_wait_callback(psycopg2.extras.wait_select)
+        return True
+    if not on and current is psycopg2.extras.wait_select:
+        psycopg2.extensions.set_wait_callback(None)
+        return True
+    return False
