@@ -236,17 +236,6 @@ with psycopg.connect(os.environ["IPY_DBRESET_DEMO_DB"], autocommit=True) as dba:
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "psycopg 3: a check that runs after the server sent its FATAL 'terminating connection' "
-        "message but before it closed the socket misses it (~20% of tries here): lost() "
-        "consumes the message, libpq's status stays OK and nothing more is readable, so it "
-        "answers 'alive'. The message is then in libpq's buffer, not on the socket, so the "
-        "next cell's pre-run check sees nothing pending either, and its first query fails "
-        "with OperationalError (~3% of tries). psycopg2's pre-run check catches it."
-    ),
-)
 def test_cell_after_terminating_its_own_backend_at_the_very_end_works(start_kernel, postgres_url):
     """The recovering notebook's scenario without the pause: no repeat may lose the next cell."""
     kernel = start_kernel(postgres_url)

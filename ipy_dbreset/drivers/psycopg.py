@@ -28,18 +28,35 @@ class Psycopg:
 
     def liveness(self, wrapper: BaseDatabaseWrapper) -> Liveness:
         pgconn = wrapper.connection.pgconn
-        # PQconsumeInput never blocks; a server that has gone away shows as EOF.
-        # The termination notice and the EOF may arrive in two reads.
-        for _ in range(3):
-            try:
-                pgconn.consume_input()
-            except psycopg.OperationalError:
-                return Liveness.LOST
-            if pgconn.status != pq.ConnStatus.OK:
-                return Liveness.LOST
-            if not readable(pgconn.socket):
-                return Liveness.ALIVE
-        return Liveness.ALIVE
+        severities: list[bytes | None] = []
+        previous = pgconn.notice_handler
+
+        def notice(result: pq.abc.PGresult) -> None:
+            severities.append(result.error_field(pq.DiagnosticField.SEVERITY_NONLOCALIZED))
+            if previous is not None:
+                previous(result)
+
+        pgconn.notice_handler = notice
+        try:
+            # PQconsumeInput never blocks; a server that has gone away shows as
+            # EOF.  It may have sent "terminating connection" before closing:
+            # parsing it (is_busy) hands that unsolicited error to the notice
+            # handler, so it is seen even if the EOF has not arrived yet.
+            for _ in range(3):
+                try:
+                    pgconn.consume_input()
+                except psycopg.OperationalError:
+                    return Liveness.LOST
+                if pgconn.status != pq.ConnStatus.OK:
+                    return Liveness.LOST
+                pgconn.is_busy()
+                if b"FATAL" in severities or b"PANIC" in severities:
+                    return Liveness.LOST
+                if not readable(pgconn.socket):
+                    return Liveness.ALIVE
+            return Liveness.ALIVE
+        finally:
+            pgconn.notice_handler = previous
 
     def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False  # libpq has no safe way to drain a query left running
