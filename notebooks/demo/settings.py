@@ -38,7 +38,9 @@ def database(url: str) -> dict[str, object]:
     if parts.scheme not in ENGINES:
         raise ValueError(f"IPY_DBRESET_DEMO_DB: unknown scheme {parts.scheme!r}")
     if parts.scheme == "sqlite":
-        return {"ENGINE": ENGINES["sqlite"], "NAME": unquote(parts.path) or ":memory:"}
+        # sqlite:////abs/path.sqlite3 -> /abs/path.sqlite3
+        path = unquote(parts.path)
+        return {"ENGINE": ENGINES["sqlite"], "NAME": "/" + path.lstrip("/") if path else ":memory:"}
     entry: dict[str, object] = {
         "ENGINE": ENGINES[parts.scheme],
         "NAME": unquote(parts.path.lstrip("/")),
