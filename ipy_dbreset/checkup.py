@@ -50,6 +50,8 @@ class Checkup:
         self.leave_manual_transactions = leave_manual_transactions
         self.last: dict[tuple[str, str | None], Repair] = {}
         self._told: set[tuple[str, str | None]] = set()
+        self.skipped: list[tuple[str, str | None]] = []
+        """Connections the last run left alone because their thread was using them."""
 
     def run(self, *, suspect: bool = False) -> list[Repair]:
         """Repair what is broken and return what was done (empty when all is well).
@@ -58,6 +60,8 @@ class Checkup:
         even when nothing local hints at trouble (after an interrupt).
         """
         done: list[Repair] = []
+        if self.skipped:
+            self.skipped = []
         # The hot path, before and after every cell: the shell thread's own
         # connections, judged with no object built and no lock taken.
         for wrapper in self.tracker.home:
@@ -75,6 +79,7 @@ class Checkup:
                     continue
                 with self.tracker.hold(tracked) as hold:
                     if not hold.free:
+                        self.skipped.append((wrapper.alias, tracked.thread_name))
                         log.debug(
                             "ipy_dbreset: %s in %s is in use; not checked",
                             wrapper.alias,

@@ -113,7 +113,10 @@ class DBReset(Magics):
     ).tag(config=True)
     verbosity = Int(
         1,
-        help="0: say nothing (use logging), 1: one line per repair, 2: also setup details.",
+        help=(
+            "0: say nothing (use logging), 1: one line per repair, 2: also setup details "
+            "and the connections left alone because their thread was using them."
+        ),
     ).tag(config=True)
 
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
@@ -148,6 +151,8 @@ class DBReset(Magics):
             log.info("ipy_dbreset: %s", setup.describe())
             if self.verbosity >= 1:
                 self._say(Notice(setup.describe(), "info"))
+        elif self.verbosity >= 2:
+            self._say(Notice(f"using Django as it was set up ({setup.settings_module})", "info"))
         self._apply_async_unsafe()
         self._apply_interruptible()
 
@@ -253,6 +258,9 @@ class DBReset(Magics):
             return []
         if repairs and self.verbosity >= 1:
             self._say(repair_notice(repairs))
+        if self.verbosity >= 2 and self.checkup.skipped:
+            busy = ", ".join(f"{alias} (thread {thread})" for alias, thread in self.checkup.skipped)
+            self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
         return repairs
 
     def _say(self, notice: Notice) -> None:

@@ -71,3 +71,28 @@ job = pool.submit(hold_transaction)
     assert cell.notices == []
     kernel.ok("go.set(); job.result()")
     assert kernel.ok("Order.objects.count()").value() == 1
+
+
+def test_verbose_mode_names_connections_left_alone(start_kernel, postgres_url):
+    kernel = start_kernel(postgres_url)
+    kernel.ok(
+        WORKER
+        + """
+import threading
+from django.db import transaction
+go = threading.Event()
+def hold_transaction():
+    with transaction.atomic():
+        Order.objects.create(number=7)
+        go.wait(30)
+job = pool.submit(hold_transaction)
+"""
+    )
+    time.sleep(0.3)
+    kernel.ok("%config DBReset.verbosity = 2")
+    cell = kernel.ok("Order.objects.count()")
+    assert any(
+        "not checked, in use by their thread: default (thread worker" in n for n in cell.notices
+    )
+    kernel.ok("go.set(); job.result()")
+    assert not any("not checked" in n for n in kernel.ok("Order.objects.count()").notices)
