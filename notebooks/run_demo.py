@@ -54,11 +54,14 @@ def execute(
     that is not tagged ``raises-exception`` fails; the cells before it keep
     their outputs.
     """
+    for cell in notebook.cells:
+        cell.metadata.pop("execution", None)  # timings would only add noise to diffs
     url = db_url or "sqlite:///" + (scratch / "db.sqlite3").as_posix().lstrip("/")
     client = NotebookClient(
         notebook,
         timeout=timeout,
         kernel_name="python3",
+        record_timing=False,
         resources={"metadata": {"path": str(HERE)}},
     )
     # The kernel's own log (ipykernel's start-up warnings) would clutter the
