@@ -292,3 +292,36 @@ def test_aborted_manual_transaction_left_to_user_when_asked(kernel, postgres_db)
     assert after.value() == 1 and quiet(after)
     assert kernel.failed == 1
     assert committed(postgres_db) == [1]
+
+
+TERMINATE_AT_THE_VERY_END = """
+import psycopg2
+transaction.set_autocommit(False)
+Order.objects.create(number={number})
+with connection.cursor() as cursor:
+    cursor.execute("select pg_backend_pid()")
+    (pid,) = cursor.fetchone()
+settings = connection.settings_dict
+dba = psycopg2.connect(
+    host=settings["HOST"], port=settings["PORT"], user=settings["USER"], dbname="postgres"
+)
+dba.autocommit = True
+with dba.cursor() as cursor:
+    cursor.execute("select pg_terminate_backend(%s)", [pid])
+    while True:
+        cursor.execute("select 1 from pg_stat_activity where pid = %s", [pid])
+        if not cursor.fetchone():
+            break
+dba.close()
+"""
+
+
+def test_cell_after_termination_at_the_very_end_of_a_cell_works(kernel, postgres_db):
+    """The check may run between the server's FATAL message and its closing the socket."""
+    for attempt in range(20):
+        terminated = kernel.ok(TERMINATE_AT_THE_VERY_END.format(number=100 + attempt))
+        after = kernel.ok("Order.objects.count()")
+        assert any("lost: a manual transaction" in n for n in terminated.notices + after.notices)
+        assert after.value() == 0
+        kernel.ok("transaction.rollback(); transaction.set_autocommit(True)")
+    assert kernel.failed == 0

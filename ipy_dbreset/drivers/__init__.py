@@ -14,6 +14,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -71,12 +73,30 @@ class Driver(Protocol):
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         """The server's process or thread id for this connection, if known locally."""
 
+    def fast_check(self, wrapper: BaseDatabaseWrapper) -> Callable[[], bool]:
+        """A function answering "still healthy?" for the current driver connection.
+
+        It runs before and after every cell, so it is built once per connection
+        with everything it needs bound, and does the least that is sound:
+        libpq's transaction status and a zero-timeout poll of the socket.
+        Anything but a plain yes sends the caller to :meth:`link` and friends.
+        """
+
+
+def poller(fileno: int) -> Callable[[int], list[tuple[int, int]]]:
+    """``poll`` of a poll object watching ``fileno`` for input, hang-up and errors."""
+    watcher = select.poll()
+    watcher.register(fileno, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+    return watcher.poll
+
+
+def always_healthy() -> bool:
+    return True
+
 
 def readable(fileno: int) -> bool:
     """Whether the server has sent data on this socket that nobody read yet."""
-    poller = select.poll()
-    poller.register(fileno, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
-    return bool(poller.poll(0))
+    return bool(poller(fileno)(0))
 
 
 _LIBPQ_STATUS = (

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 import MySQLdb
 from MySQLdb.constants import CR
 
-from ipy_dbreset.drivers import Link, Liveness, Transaction, readable
+from ipy_dbreset.drivers import Link, Liveness, Transaction, poller, readable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -54,6 +56,16 @@ class MySQLClient:
         except MySQLdb.Error:
             return False
         return True
+
+    def fast_check(self, wrapper: BaseDatabaseWrapper) -> Callable[[], bool]:
+        raw = wrapper.connection
+        poll = poller(raw.fileno())
+
+        def healthy() -> bool:
+            # A previous error may have been "server has gone away": check it.
+            return bool(raw.open) and not wrapper.errors_occurred and not poll(0)
+
+        return healthy
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         raw = wrapper.connection

@@ -7,9 +7,18 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import pq
 
-from ipy_dbreset.drivers import Link, Liveness, Transaction, libpq_transaction, readable
+from ipy_dbreset.drivers import (
+    Link,
+    Liveness,
+    Transaction,
+    libpq_transaction,
+    poller,
+    readable,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -60,6 +69,20 @@ class Psycopg:
 
     def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False  # libpq has no safe way to drain a query left running
+
+    def fast_check(self, wrapper: BaseDatabaseWrapper) -> Callable[[], bool]:
+        pgconn = wrapper.connection.pgconn
+        poll = poller(pgconn.socket)
+        usable = frozenset((pq.TransactionStatus.IDLE, pq.TransactionStatus.INTRANS))
+
+        def healthy() -> bool:
+            try:
+                status = pgconn.transaction_status  # UNKNOWN once the connection is bad
+            except psycopg.Error:
+                return False
+            return status in usable and not poll(0)
+
+        return healthy
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         raw = wrapper.connection

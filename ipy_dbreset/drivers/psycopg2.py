@@ -5,10 +5,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import psycopg2
+import psycopg2.extensions
 
-from ipy_dbreset.drivers import Link, Liveness, Transaction, libpq_transaction, readable
+from ipy_dbreset.drivers import (
+    Link,
+    Liveness,
+    Transaction,
+    libpq_transaction,
+    poller,
+    readable,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -27,8 +37,10 @@ class Psycopg2:
 
     def liveness(self, wrapper: BaseDatabaseWrapper) -> Liveness:
         raw = wrapper.connection
+        before = {id(notice) for notice in raw.notices}
         # poll() reads what the server sent without sending anything; on EOF it
-        # raises and marks the connection closed.
+        # raises and marks the connection closed.  The server's "terminating
+        # connection" may arrive before its EOF: psycopg2 files it as a notice.
         for _ in range(3):
             try:
                 raw.poll()
@@ -36,12 +48,35 @@ class Psycopg2:
                 return Liveness.LOST
             if raw.closed:
                 return Liveness.LOST
+            if any(
+                id(notice) not in before and notice.startswith(("FATAL:", "PANIC:"))
+                for notice in raw.notices
+            ):
+                return Liveness.LOST
             if not readable(raw.fileno()):
                 return Liveness.ALIVE
         return Liveness.ALIVE
 
     def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False  # libpq has no safe way to drain a query left running
+
+    def fast_check(self, wrapper: BaseDatabaseWrapper) -> Callable[[], bool]:
+        raw = wrapper.connection
+        poll = poller(raw.fileno())
+        status = raw.get_transaction_status
+        usable = frozenset(
+            (
+                psycopg2.extensions.TRANSACTION_STATUS_IDLE,
+                psycopg2.extensions.TRANSACTION_STATUS_INTRANS,
+            )
+        )
+
+        def healthy() -> bool:
+            if raw.closed:
+                return False
+            return status() in usable and not poll(0)
+
+        return healthy
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         raw = wrapper.connection
