@@ -7,21 +7,30 @@ and can be driven from any code that runs between units of work.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
 
 from django.db import Error
 
+from ipy_dbreset.drivers import driver_for
 from ipy_dbreset.health import Problem, Verdict, judge
 from ipy_dbreset.repair import Repair, repair, reset
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     from ipy_dbreset.tracking import ConnectionTracker, Tracked
 
 log = logging.getLogger(__name__)
+
+
+def _fast_entry(
+    wrapper: BaseDatabaseWrapper,
+) -> tuple[weakref.ref[BaseDatabaseWrapper], Any, Callable[[], bool]]:
+    raw = wrapper.connection
+    return weakref.ref(wrapper), raw, driver_for(raw).fast_check(wrapper)
 
 
 def _manual_transactions(wrapper: BaseDatabaseWrapper) -> None:
@@ -52,6 +61,8 @@ class Checkup:
         self._told: set[tuple[str, str | None]] = set()
         self.skipped: list[tuple[str, str | None]] = []
         """Connections the last run left alone because their thread was using them."""
+        self._fast: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, Callable[[], bool]]] = []
+        self._fast_version = -1
 
     def run(self, *, suspect: bool = False) -> list[Repair]:
         """Repair what is broken and return what was done (empty when all is well).
@@ -59,19 +70,38 @@ class Checkup:
         ``suspect`` asks for a liveness check of the shell thread's connections
         even when nothing local hints at trouble (after an interrupt).
         """
+        # The hot path, before and after every cell: each connection that was
+        # healthy last time is asked one cheap question by a function built for
+        # it.  Any other answer, a new or reconnected connection, a busy one
+        # left for later, or a suspicion, takes the full path below.
+        if not suspect and self._fast_version == self.tracker.version:
+            for ref, raw, healthy in self._fast:
+                wrapper = ref()
+                if wrapper is None or wrapper.connection is not raw:
+                    break
+                if wrapper.needs_rollback or not healthy():
+                    break
+            else:
+                return []
+        return self._full_run(suspect)
+
+    def _full_run(self, suspect: bool) -> list[Repair]:
         done: list[Repair] = []
+        fast: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, Callable[[], bool]]] = []
+        version = self.tracker.version
+        clean = True
         if self.skipped:
             self.skipped = []
-        # The hot path, before and after every cell: the shell thread's own
-        # connections, judged with no object built and no lock taken.
         for wrapper in self.tracker.home:
             if wrapper.connection is None and not wrapper.in_atomic_block:
                 continue
             verdict = judge(wrapper, suspect=suspect)
             if verdict is not None:
+                clean = False
                 self._fix(wrapper, None, verdict, done)
-            elif self._told:
+            else:
                 self._told.discard((wrapper.alias, None))
+                fast.append(_fast_entry(wrapper))
         if self.tracker.has_others():
             for tracked in self.tracker.others():
                 wrapper = tracked.wrapper
@@ -79,6 +109,7 @@ class Checkup:
                     continue
                 with self.tracker.hold(tracked) as hold:
                     if not hold.free:
+                        clean = False
                         self.skipped.append((wrapper.alias, tracked.thread_name))
                         log.debug(
                             "ipy_dbreset: %s in %s is in use; not checked",
@@ -88,7 +119,17 @@ class Checkup:
                         continue
                     verdict = judge(wrapper)
                     if verdict is not None:
+                        clean = False
                         self._fix(wrapper, tracked.thread_name, verdict, done)
+                    else:
+                        # Reading its state later without the lock is safe: a
+                        # busy socket only sends us back here, to the lock.
+                        fast.append(_fast_entry(wrapper))
+        # Only a run that found everything healthy may be taken as the baseline:
+        # a repaired connection, one left to the user or one left alone for its
+        # thread must be judged in full again next time.
+        self._fast = fast
+        self._fast_version = version if clean else -1
         return done
 
     def _fix(

@@ -30,6 +30,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 from traitlets import Bool, Enum, Int, Unicode, observe
 
+from ipy_dbreset.checkup import RepairFailed
 from ipy_dbreset.display import Notice, Table, repair_notice
 
 if TYPE_CHECKING:
@@ -125,7 +126,9 @@ class DBReset(Magics):
         self._set_async_unsafe = False
         self._set_wait_callback = False
         self._last_reset: ResetResult | None = None
+        self._check_before = self._check_after = False
         super().__init__(shell=shell, **kwargs)
+        self._switches_changed()
 
     # -- life cycle ----------------------------------------------------------
 
@@ -230,38 +233,51 @@ class DBReset(Magics):
 
     # -- callbacks -----------------------------------------------------------
 
+    # Both callbacks run around every cell: they read plain attributes (trait
+    # reads cost more than judging a healthy connection) and do nothing else
+    # unless the checkup found something.
+
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
-        if self.auto_repair and self.check_before_cell:
-            self._check(suspect=False)
+        if self._check_before and self.checkup is not None:
+            try:
+                repairs = self.checkup.run()
+            except RepairFailed as exc:
+                self._failed(exc)
+                return
+            if repairs or self.checkup.skipped:
+                self._report(repairs)
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
         if self._last_reset is not None:
             self._last_reset.echoed = False
             self._last_reset = None
-        if not self.auto_repair:
-            return
-        error = None if result is None else result.error_in_exec
-        self._check(suspect=isinstance(error, KeyboardInterrupt))
+        if self._check_after and self.checkup is not None:
+            error = None if result is None else result.error_in_exec
+            try:
+                repairs = self.checkup.run(suspect=isinstance(error, KeyboardInterrupt))
+            except RepairFailed as exc:
+                self._failed(exc)
+                return
+            if repairs or self.checkup.skipped:
+                self._report(repairs)
 
-    def _check(self, *, suspect: bool) -> list[Repair]:
-        from ipy_dbreset.checkup import RepairFailed
+    @observe("auto_repair", "check_before_cell")
+    def _switches_changed(self, change: Bunch | None = None) -> None:
+        self._check_after = self.auto_repair
+        self._check_before = self.auto_repair and self.check_before_cell
 
-        if self.checkup is None:
-            return []
-        try:
-            repairs = self.checkup.run(suspect=suspect)
-        except RepairFailed as exc:
-            log.warning("ipy_dbreset: repair failed: %s", exc)
-            self._say(Notice(f"could not repair {exc}; run %dbreset", "error"))
-            return []
+    def _failed(self, exc: RepairFailed) -> None:
+        log.warning("ipy_dbreset: repair failed: %s", exc)
+        self._say(Notice(f"could not repair {exc}; run %dbreset", "error"))
+
+    def _report(self, repairs: list[Repair]) -> None:
         if repairs and self.verbosity >= 1:
             self._say(repair_notice(repairs))
-        if self.verbosity >= 2 and self.checkup.skipped:
+        if self.verbosity >= 2 and self.checkup is not None and self.checkup.skipped:
             busy = ", ".join(f"{alias} (thread {thread})" for alias, thread in self.checkup.skipped)
             self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
-        return repairs
 
     def _say(self, notice: Notice) -> None:
         display(notice)
@@ -307,8 +323,6 @@ class DBReset(Magics):
         """
         args = _parse(self.dbreset, "dbreset", line)
         aliases = self._aliases(args.aliases) if args.aliases else None
-        from ipy_dbreset.checkup import RepairFailed
-
         if self.checkup is None:
             raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
         try:

@@ -67,6 +67,8 @@ class ConnectionTracker:
             BaseDatabaseWrapper, tuple[threading.Thread, _Guard]
         ] = weakref.WeakKeyDictionary()
         self._uid = f"ipy_dbreset-{id(self)}"
+        self.version = 0
+        """Bumped whenever a connection is opened, so that cached views can notice."""
         self._lock = threading.Lock()  # other threads add to _others while we list it
         self._home: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
         self._on_connect: weakref.WeakKeyDictionary[
@@ -77,6 +79,7 @@ class ConnectionTracker:
         """Watch new connections; adopt the home thread's existing ones."""
         connection_created.connect(self._created, weak=False, dispatch_uid=self._uid)
         self._home.update(connections.all(initialized_only=True))
+        self.version += 1
 
     def stop(self) -> None:
         connection_created.disconnect(dispatch_uid=self._uid)
@@ -95,6 +98,7 @@ class ConnectionTracker:
         self._on_connect[wrapper] = action
 
     def _created(self, sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+        self.version += 1
         action = self._on_connect.pop(connection, None)
         if action is not None:
             action(connection)

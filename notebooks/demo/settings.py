@@ -22,6 +22,7 @@ DEBUG = True
 ALLOWED_HOSTS: list[str] = []
 INSTALLED_APPS = ["django.contrib.contenttypes", "shop"]
 USE_TZ = True
+TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 ENGINES = {
