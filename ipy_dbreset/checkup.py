@@ -17,10 +17,11 @@ from ipy_dbreset.health import Problem, Verdict, judge
 from ipy_dbreset.repair import Repair, repair, reset
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Iterable
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
+    from ipy_dbreset.drivers import FastCheck
     from ipy_dbreset.tracking import ConnectionTracker, Tracked
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _fast_entry(
     wrapper: BaseDatabaseWrapper,
-) -> tuple[weakref.ref[BaseDatabaseWrapper], Any, Callable[[], bool]]:
+) -> tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]:
     raw = wrapper.connection
     return weakref.ref(wrapper), raw, driver_for(raw).fast_check(wrapper)
 
@@ -61,14 +62,17 @@ class Checkup:
         self._told: set[tuple[str, str | None]] = set()
         self.skipped: list[tuple[str, str | None]] = []
         """Connections the last run left alone because their thread was using them."""
-        self._fast: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, Callable[[], bool]]] = []
+        self._fast: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
         self._fast_version = -1
 
-    def run(self, *, suspect: bool = False) -> list[Repair]:
+    def run(self, *, suspect: bool = False, listen: bool = True) -> list[Repair]:
         """Repair what is broken and return what was done (empty when all is well).
 
         ``suspect`` asks for a liveness check of the shell thread's connections
         even when nothing local hints at trouble (after an interrupt).
+        ``listen=False`` skips looking at the sockets of connections that were
+        healthy last time, for a check right after a cell that raised nothing:
+        what the server sends meanwhile is the next check's business.
         """
         # The hot path, before and after every cell: each connection that was
         # healthy last time is asked one cheap question by a function built for
@@ -79,7 +83,7 @@ class Checkup:
                 wrapper = ref()
                 if wrapper is None or wrapper.connection is not raw:
                     break
-                if wrapper.needs_rollback or not healthy():
+                if wrapper.needs_rollback or not healthy(listen):
                     break
             else:
                 return []
@@ -87,7 +91,7 @@ class Checkup:
 
     def _full_run(self, suspect: bool) -> list[Repair]:
         done: list[Repair] = []
-        fast: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, Callable[[], bool]]] = []
+        fast: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
         version = self.tracker.version
         clean = True
         if self.skipped:

@@ -256,7 +256,11 @@ class DBReset(Magics):
         if self._check_after and self.checkup is not None:
             error = None if result is None else result.error_in_exec
             try:
-                repairs = self.checkup.run(suspect=isinstance(error, KeyboardInterrupt))
+                # A cell that raised nothing can only have left a trace in the
+                # driver's and Django's state; the sockets are for the next check.
+                repairs = self.checkup.run(
+                    suspect=isinstance(error, KeyboardInterrupt), listen=error is not None
+                )
             except RepairFailed as exc:
                 self._failed(exc)
                 return

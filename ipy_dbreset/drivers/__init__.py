@@ -29,6 +29,10 @@ class Transaction(Enum):
     UNKNOWN = "unknown"
 
 
+class FastCheck(Protocol):
+    def __call__(self, listen: bool = True) -> bool: ...
+
+
 class Liveness(Enum):
     """What a closer look at a connection with pending input finds."""
 
@@ -73,12 +77,13 @@ class Driver(Protocol):
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         """The server's process or thread id for this connection, if known locally."""
 
-    def fast_check(self, wrapper: BaseDatabaseWrapper) -> Callable[[], bool]:
+    def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         """A function answering "still healthy?" for the current driver connection.
 
         It runs before and after every cell, so it is built once per connection
         with everything it needs bound, and does the least that is sound:
-        libpq's transaction status and a zero-timeout poll of the socket.
+        libpq's transaction status and, with ``listen`` (the default), a
+        zero-timeout poll of the socket for anything the server sent.
         Anything but a plain yes sends the caller to :meth:`link` and friends.
         """
 
@@ -90,7 +95,7 @@ def poller(fileno: int) -> Callable[[int], list[tuple[int, int]]]:
     return watcher.poll
 
 
-def always_healthy() -> bool:
+def always_healthy(listen: bool = True) -> bool:
     return True
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ipy_dbreset.drivers import Link, Liveness, Transaction, always_healthy
+from ipy_dbreset.drivers import FastCheck, Link, Liveness, Transaction, always_healthy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -33,5 +31,5 @@ class Generic:
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         return None
 
-    def fast_check(self, wrapper: BaseDatabaseWrapper) -> Callable[[], bool]:
+    def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         return always_healthy  # only Django's own flags can say otherwise

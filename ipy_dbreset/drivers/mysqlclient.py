@@ -7,11 +7,9 @@ from typing import TYPE_CHECKING
 import MySQLdb
 from MySQLdb.constants import CR
 
-from ipy_dbreset.drivers import Link, Liveness, Transaction, poller, readable
+from ipy_dbreset.drivers import FastCheck, Link, Liveness, Transaction, poller, readable
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -57,13 +55,13 @@ class MySQLClient:
             return False
         return True
 
-    def fast_check(self, wrapper: BaseDatabaseWrapper) -> Callable[[], bool]:
+    def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         raw = wrapper.connection
         poll = poller(raw.fileno())
 
-        def healthy() -> bool:
+        def healthy(listen: bool = True) -> bool:
             # A previous error may have been "server has gone away": check it.
-            return bool(raw.open) and not wrapper.errors_occurred and not poll(0)
+            return bool(raw.open) and not wrapper.errors_occurred and not (listen and poll(0))
 
         return healthy
 

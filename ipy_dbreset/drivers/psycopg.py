@@ -8,6 +8,7 @@ import psycopg
 from psycopg import pq
 
 from ipy_dbreset.drivers import (
+    FastCheck,
     Link,
     Liveness,
     Transaction,
@@ -17,8 +18,6 @@ from ipy_dbreset.drivers import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -70,17 +69,17 @@ class Psycopg:
     def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False  # libpq has no safe way to drain a query left running
 
-    def fast_check(self, wrapper: BaseDatabaseWrapper) -> Callable[[], bool]:
+    def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         pgconn = wrapper.connection.pgconn
         poll = poller(pgconn.socket)
         usable = frozenset((pq.TransactionStatus.IDLE, pq.TransactionStatus.INTRANS))
 
-        def healthy() -> bool:
+        def healthy(listen: bool = True) -> bool:
             try:
                 status = pgconn.transaction_status  # UNKNOWN once the connection is bad
             except psycopg.Error:
                 return False
-            return status in usable and not poll(0)
+            return status in usable and not (listen and poll(0))
 
         return healthy
 

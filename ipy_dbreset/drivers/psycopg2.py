@@ -8,6 +8,7 @@ import psycopg2
 import psycopg2.extensions
 
 from ipy_dbreset.drivers import (
+    FastCheck,
     Link,
     Liveness,
     Transaction,
@@ -17,8 +18,6 @@ from ipy_dbreset.drivers import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -60,7 +59,7 @@ class Psycopg2:
     def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False  # libpq has no safe way to drain a query left running
 
-    def fast_check(self, wrapper: BaseDatabaseWrapper) -> Callable[[], bool]:
+    def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         raw = wrapper.connection
         poll = poller(raw.fileno())
         status = raw.get_transaction_status
@@ -71,10 +70,10 @@ class Psycopg2:
             )
         )
 
-        def healthy() -> bool:
+        def healthy(listen: bool = True) -> bool:
             if raw.closed:
                 return False
-            return status() in usable and not poll(0)
+            return status() in usable and not (listen and poll(0))
 
         return healthy
 
