@@ -17,6 +17,21 @@ def count():
     return Order.objects.count()
 """
 
+BUSY_WORKER = (
+    WORKER
+    + """
+import threading
+from django.db import transaction
+go = threading.Event()
+def hold_transaction():
+    # A worker in the middle of its own transaction, between two queries.
+    with transaction.atomic():
+        Order.objects.create(number=7)
+        go.wait(30)
+job = pool.submit(hold_transaction)
+"""
+)
+
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_async_orm_call_after_terminated_backend_works(
@@ -51,20 +66,7 @@ def test_worker_thread_query_after_terminated_backend_works(
 def test_busy_worker_connection_is_left_alone(start_kernel, postgres_url, postgres_db):
     """A thread in the middle of a transaction keeps its connection; only it may end it."""
     kernel = start_kernel(postgres_url)
-    kernel.ok(
-        WORKER
-        + """
-import threading
-from django.db import transaction
-go = threading.Event()
-def hold_transaction():
-    with transaction.atomic():
-        Order.objects.create(number=7)
-        go.wait(30)
-        return Order.objects.count()
-job = pool.submit(hold_transaction)
-"""
-    )
+    kernel.ok(BUSY_WORKER)
     time.sleep(0.3)
     cell = kernel.ok("Order.objects.count()")
     assert cell.value() == 0  # not committed yet, and not touched
@@ -75,19 +77,7 @@ job = pool.submit(hold_transaction)
 
 def test_verbose_mode_names_connections_left_alone(start_kernel, postgres_url):
     kernel = start_kernel(postgres_url)
-    kernel.ok(
-        WORKER
-        + """
-import threading
-from django.db import transaction
-go = threading.Event()
-def hold_transaction():
-    with transaction.atomic():
-        Order.objects.create(number=7)
-        go.wait(30)
-job = pool.submit(hold_transaction)
-"""
-    )
+    kernel.ok(BUSY_WORKER)
     time.sleep(0.3)
     kernel.ok("%config DBReset.verbosity = 2")
     cell = kernel.ok("Order.objects.count()")
