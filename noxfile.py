@@ -63,9 +63,10 @@ CI = (
     "django6.1-py3.13-psycopg",
 )
 
-# Selected in psycopg2 sessions: the tests parametrized for psycopg2, the shells, and
-# every test that needs no PostgreSQL (pytest -k also matches marker names).
-PSYCOPG2_TESTS = "[psycopg2] or test_shells or not postgres"
+# Selected in psycopg2 sessions: the tests written for psycopg2 (named or parametrized so),
+# the shells, and every test that needs no PostgreSQL (pytest -k also matches marker
+# names).  The other PostgreSQL tests ask the fixtures for psycopg 3 in their kernels.
+PSYCOPG2_TESTS = "psycopg2 or test_shells or not postgres"
 
 # The pytest process alone sees the fixtures' psycopg 3 (argv[1]).
 PYTEST_WITH_FIXTURE_DRIVER = (
