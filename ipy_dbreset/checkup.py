@@ -27,13 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _fast_entry(
-    wrapper: BaseDatabaseWrapper,
-) -> tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]:
-    raw = wrapper.connection
-    return weakref.ref(wrapper), raw, driver_for(raw).fast_check(wrapper)
-
-
 def _manual_transactions(wrapper: BaseDatabaseWrapper) -> None:
     """Put a reconnected wrapper back in the mode the user chose (autocommit off)."""
     wrapper.set_autocommit(False)
@@ -62,11 +55,17 @@ class Checkup:
         self._told: set[tuple[str, str | None]] = set()
         self.skipped: list[tuple[str, str | None]] = []
         """Connections the last run left alone because their thread was using them."""
-        self._fast: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
+        # The shell thread's connections live as long as the shell: kept as they
+        # are.  Other threads' are kept by weak reference.
+        self._fast: list[tuple[BaseDatabaseWrapper, Any, FastCheck]] = []
+        self._fast_others: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
         self._fast_version = -1
 
-    def run(self, *, suspect: bool = False, listen: bool = True) -> list[Repair]:
-        """Repair what is broken and return what was done (empty when all is well).
+    def run(self, suspect: bool = False, listen: bool = True) -> list[Repair] | None:
+        """Repair what is broken and return what was done.
+
+        ``None`` means every connection was healthy and nothing was left out;
+        a list (perhaps empty, see :attr:`skipped`) means there is something to say.
 
         ``suspect`` asks for a liveness check of the shell thread's connections
         even when nothing local hints at trouble (after an interrupt).
@@ -79,19 +78,24 @@ class Checkup:
         # it.  Any other answer, a new or reconnected connection, a busy one
         # left for later, or a suspicion, takes the full path below.
         if not suspect and self._fast_version == self.tracker.version:
-            for ref, raw, healthy in self._fast:
-                wrapper = ref()
-                if wrapper is None or wrapper.connection is not raw:
-                    break
-                if wrapper.needs_rollback or not healthy(listen):
+            for wrapper, raw, healthy in self._fast:
+                if wrapper.connection is not raw or wrapper.needs_rollback or not healthy(listen):
                     break
             else:
-                return []
+                for ref, raw, healthy in self._fast_others:
+                    other = ref()  # other threads' connections go with their thread
+                    if other is None or other.connection is not raw:
+                        break
+                    if other.needs_rollback or not healthy(listen):
+                        break
+                else:
+                    return None
         return self._full_run(suspect)
 
-    def _full_run(self, suspect: bool) -> list[Repair]:
+    def _full_run(self, suspect: bool) -> list[Repair] | None:
         done: list[Repair] = []
-        fast: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
+        fast: list[tuple[BaseDatabaseWrapper, Any, FastCheck]] = []
+        fast_others: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
         version = self.tracker.version
         clean = True
         if self.skipped:
@@ -105,7 +109,8 @@ class Checkup:
                 self._fix(wrapper, None, verdict, done)
             else:
                 self._told.discard((wrapper.alias, None))
-                fast.append(_fast_entry(wrapper))
+                raw = wrapper.connection
+                fast.append((wrapper, raw, driver_for(raw).fast_check(wrapper)))
         if self.tracker.has_others():
             for tracked in self.tracker.others():
                 wrapper = tracked.wrapper
@@ -128,13 +133,15 @@ class Checkup:
                     else:
                         # Reading its state later without the lock is safe: a
                         # busy socket only sends us back here, to the lock.
-                        fast.append(_fast_entry(wrapper))
+                        raw = wrapper.connection
+                        check = driver_for(raw).fast_check(wrapper)
+                        fast_others.append((weakref.ref(wrapper), raw, check))
         # Only a run that found everything healthy may be taken as the baseline:
         # a repaired connection, one left to the user or one left alone for its
         # thread must be judged in full again next time.
-        self._fast = fast
+        self._fast, self._fast_others = fast, fast_others
         self._fast_version = version if clean else -1
-        return done
+        return None if clean else done
 
     def _fix(
         self, wrapper: BaseDatabaseWrapper, thread: str | None, verdict: Verdict, done: list[Repair]

@@ -64,6 +64,10 @@ class ResetResult(list["Repair"]):
         display(self.notice)
 
 
+def _not_running(suspect: bool, listen: bool) -> None:
+    return None
+
+
 @magics_class
 class DBReset(Magics):
     """Repair broken Django database connections between cells."""
@@ -127,6 +131,7 @@ class DBReset(Magics):
         self._set_wait_callback = False
         self._last_reset: ResetResult | None = None
         self._check_before = self._check_after = False
+        self._run: Callable[[bool, bool], list[Repair] | None] = _not_running
         super().__init__(shell=shell, **kwargs)
         self._switches_changed()
 
@@ -149,6 +154,8 @@ class DBReset(Magics):
         self.checkup = Checkup(
             tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
         )
+        self._run = self.checkup.run
+        self._switches_changed()
         if setup.source != "already set up":
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
             log.info("ipy_dbreset: %s", setup.describe())
@@ -163,6 +170,7 @@ class DBReset(Magics):
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
+            self._switches_changed()
         if self._set_async_unsafe:
             from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
 
@@ -239,13 +247,13 @@ class DBReset(Magics):
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
-        if self._check_before and self.checkup is not None:
+        if self._check_before:
             try:
-                repairs = self.checkup.run()
+                repairs = self._run(False, True)
             except RepairFailed as exc:
                 self._failed(exc)
                 return
-            if repairs or self.checkup.skipped:
+            if repairs is not None:
                 self._report(repairs)
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
@@ -253,24 +261,26 @@ class DBReset(Magics):
         if self._last_reset is not None:
             self._last_reset.echoed = False
             self._last_reset = None
-        if self._check_after and self.checkup is not None:
+        if self._check_after:
             error = None if result is None else result.error_in_exec
             try:
                 # A cell that raised nothing can only have left a trace in the
                 # driver's and Django's state; the sockets are for the next check.
-                repairs = self.checkup.run(
-                    suspect=isinstance(error, KeyboardInterrupt), listen=error is not None
-                )
+                if error is None:
+                    repairs = self._run(False, False)
+                else:
+                    repairs = self._run(isinstance(error, KeyboardInterrupt), True)
             except RepairFailed as exc:
                 self._failed(exc)
                 return
-            if repairs or self.checkup.skipped:
+            if repairs is not None:
                 self._report(repairs)
 
     @observe("auto_repair", "check_before_cell")
     def _switches_changed(self, change: Bunch | None = None) -> None:
-        self._check_after = self.auto_repair
-        self._check_before = self.auto_repair and self.check_before_cell
+        running = self.checkup is not None
+        self._check_after = running and self.auto_repair
+        self._check_before = running and self.auto_repair and self.check_before_cell
 
     def _failed(self, exc: RepairFailed) -> None:
         log.warning("ipy_dbreset: repair failed: %s", exc)
