@@ -5,18 +5,24 @@ These tests restart the real server: every other connection to it is dropped.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DRIVERS, pg_admin, unavailable
+from conftest import DRIVERS, IN_CI, pg_admin, unavailable
 
 pytestmark = [pytest.mark.kernel, pytest.mark.postgres, pytest.mark.restart]
 
 
 def restart_postgres() -> None:
+    if not (IN_CI or os.environ.get("IPY_DBRESET_TEST_RESTART")):
+        pytest.skip(
+            "restarts the local PostgreSQL server, dropping every connection to it: "
+            "set IPY_DBRESET_TEST_RESTART=1 to run it (CI always does)"
+        )
     clusters = Path("/etc/postgresql")
     if not clusters.is_dir():
         unavailable("no local PostgreSQL cluster to restart (/etc/postgresql is missing)")
