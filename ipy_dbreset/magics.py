@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -430,6 +431,16 @@ def _loaded(ipython: InteractiveShell) -> DBReset | None:
     return None
 
 
+def _starting_up() -> bool:
+    """Whether the shell is loading its configured extensions (``--ext``, config files)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "init_extensions" and "self" in frame.f_locals:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
 def load(ipython: InteractiveShell) -> None:
     """Register everything, or nothing if Django cannot be set up."""
     if _loaded(ipython) is not None:
@@ -437,8 +448,14 @@ def load(ipython: InteractiveShell) -> None:
     magics = DBReset(shell=ipython)
     try:
         magics.start()
-    except BaseException:
+    except BaseException as exc:
         ipython.configurables.remove(magics)  # type: ignore[arg-type]
+        if isinstance(exc, UsageError) and _starting_up():
+            # IPython logs a failing start-up extension with its traceback; the
+            # message is the whole story.  Nothing is registered; IPython counts
+            # the extension as loaded, hence the way back in.
+            print(f"{exc}\nOnce that is fixed: %reload_ext ipy_dbreset", file=sys.stderr)
+            return
         raise
     ipython.register_magics(magics)
     for event in _EVENTS:

@@ -489,3 +489,44 @@ def test_failed_load_leaves_no_half_registered_extension(tmp_path: Path) -> None
     assert status.error == "UsageError" and "not found" in status.shown
     assert unload.ok, unload.shown
     assert "not loaded" in unload.shown
+
+
+def test_start_up_extension_without_a_project_says_so_in_one_message(tmp_path: Path) -> None:
+    """`ipython --ext ipy_dbreset` outside a project: the message, no traceback, a way back."""
+    project = make_project(tmp_path)
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    env = clean_env(IPYTHONDIR=str(tmp_path / "ipython"))
+    cells = (
+        "print('callbacks', len(get_ipython().events.callbacks['pre_run_cell']))\n"
+        "%env DJANGO_SETTINGS_MODULE=mysite.settings\n"
+        f"import sys; sys.path.insert(0, {str(project)!r})\n"
+        "%reload_ext ipy_dbreset\n"
+        "print('callbacks', len(get_ipython().events.callbacks['pre_run_cell']))\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "IPython",
+            "--no-banner",
+            "--colors=NoColor",
+            "--ext",
+            "ipy_dbreset",
+            "-c",
+            cells,
+        ],
+        cwd=nowhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Traceback" not in output
+    assert "no Django settings found" in output
+    assert "Once that is fixed: %reload_ext ipy_dbreset" in output
+    assert "callbacks 0" in output  # nothing half-registered
+    assert "callbacks 1" in output  # and the way back works
