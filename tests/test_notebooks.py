@@ -217,35 +217,3 @@ def test_async_orm_notebook_recovers_the_worker_threads_connection(tmp_path, pos
 
     opted_out = run.cell("allow_async_unsafe = False")
     assert run.result(run.after(opted_out)) == "2"
-
-
-# -- the terminated backend, without the notebook's pause ---------------------------------
-
-TERMINATE_OWN_BACKEND = """
-import os, psycopg
-transaction.set_autocommit(False)
-Order.objects.create(number={number})
-with connection.cursor() as cursor:
-    cursor.execute("select pg_backend_pid()")
-    (pid,) = cursor.fetchone()
-with psycopg.connect(os.environ["IPY_DBRESET_DEMO_DB"], autocommit=True) as dba:
-    dba.execute("select pg_terminate_backend(%s)", [pid])
-    while dba.execute("select 1 from pg_stat_activity where pid = %s", [pid]).fetchone():
-        pass
-"""
-
-
-@pytest.mark.postgres
-def test_cell_after_terminating_its_own_backend_at_the_very_end_works(start_kernel, postgres_url):
-    """The recovering notebook's scenario without its pause, repeated.
-
-    A check may run between the server's FATAL message and its closing the
-    socket; the termination must be seen there too, or the next cell fails.
-    """
-    kernel = start_kernel(postgres_url)
-    for attempt in range(30):
-        terminated = kernel.ok(TERMINATE_OWN_BACKEND.format(number=100 + attempt))
-        after = kernel.ok("Order.objects.count()")
-        assert any("lost: a manual transaction" in n for n in terminated.notices + after.notices)
-        assert after.value() == 0
-        kernel.ok("transaction.rollback(); transaction.set_autocommit(True)")
