@@ -28,6 +28,7 @@ import subprocess
 import sys
 import termios
 import textwrap
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -479,3 +480,40 @@ def test_django_configurations_project_kernel_in_a_subfolder(tmp_path):
         assert kernel.failed == 1
     finally:
         kernel.close()
+
+
+# -- found while running the compatibility matrix --------------------------------------------
+
+PSYCOPG2_LOST_SOCKET = (
+    "psycopg2: when the server drops the connection while a query is interrupted, libpq "
+    "closes its socket before psycopg2 notices (connection.closed == 0, fileno() == -1); "
+    "drivers/psycopg2.py link()/fast_check() pass -1 to drivers.poller(), whose "
+    "select.poll().register(-1) raises ValueError in pre/post_run_cell, so every later "
+    "cell and %dbreset fail until the kernel is restarted"
+)
+
+
+@pytest.mark.kernel
+@pytest.mark.postgres
+@pytest.mark.xfail(strict=False, reason=PSYCOPG2_LOST_SOCKET)
+def test_psycopg2_query_interrupted_as_the_server_drops_it_then_next_cell_works(
+    start_kernel, postgres_url, postgres_db
+):
+    kernel = start_kernel(postgres_url, "psycopg2")
+    kernel.ok("Order.objects.create(number=1); connection.ensure_connection()")
+
+    def user_presses_stop_and_server_drops_it() -> None:
+        time.sleep(1)
+        kernel.manager.interrupt_kernel()  # psycopg2 keeps waiting: the interrupt is pending
+        time.sleep(0.1)
+        terminate_backends(postgres_db)
+
+    dba = threading.Thread(target=user_presses_stop_and_server_drops_it)
+    dba.start()
+    try:
+        cell = kernel.run("connection.cursor().execute('SELECT pg_sleep(10)')")
+    finally:
+        dba.join()
+    assert cell.ename in {"KeyboardInterrupt", "OperationalError"}, cell.shown
+    assert kernel.ok("Order.objects.count()").value() == 1
+    assert kernel.failed == 1
