@@ -484,18 +484,9 @@ def test_django_configurations_project_kernel_in_a_subfolder(tmp_path):
 
 # -- found while running the compatibility matrix --------------------------------------------
 
-PSYCOPG2_LOST_SOCKET = (
-    "psycopg2: when the server drops the connection while a query is interrupted, libpq "
-    "closes its socket before psycopg2 notices (connection.closed == 0, fileno() == -1); "
-    "drivers/psycopg2.py link()/fast_check() pass -1 to drivers.poller(), whose "
-    "select.poll().register(-1) raises ValueError in pre/post_run_cell, so every later "
-    "cell and %dbreset fail until the kernel is restarted"
-)
-
 
 @pytest.mark.kernel
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=False, reason=PSYCOPG2_LOST_SOCKET)
 def test_psycopg2_query_interrupted_as_the_server_drops_it_then_next_cell_works(
     start_kernel, postgres_url, postgres_db
 ):

@@ -88,8 +88,18 @@ class Driver(Protocol):
         """
 
 
+def _gone(timeout: int) -> list[tuple[int, int]]:
+    return [(-1, select.POLLNVAL)]
+
+
 def poller(fileno: int) -> Callable[[int], list[tuple[int, int]]]:
-    """``poll`` of a poll object watching ``fileno`` for input, hang-up and errors."""
+    """``poll`` of a poll object watching ``fileno`` for input, hang-up and errors.
+
+    libpq can close its socket before the driver notices (fileno -1): that
+    counts as something to look at, never as an error.
+    """
+    if fileno < 0:
+        return _gone
     watcher = select.poll()
     watcher.register(fileno, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
     return watcher.poll

@@ -26,7 +26,8 @@ class Psycopg2:
 
     def link(self, wrapper: BaseDatabaseWrapper) -> Link:
         raw = wrapper.connection
-        if raw.closed:
+        # libpq may have dropped the socket (fileno -1) before psycopg2 noticed.
+        if raw.closed or raw.fileno() < 0:
             return Link(closed=True, transaction=Transaction.UNKNOWN, pending=False)
         return Link(
             closed=False,
@@ -36,6 +37,8 @@ class Psycopg2:
 
     def liveness(self, wrapper: BaseDatabaseWrapper) -> Liveness:
         raw = wrapper.connection
+        if raw.closed or raw.fileno() < 0:
+            return Liveness.LOST
         before = {id(notice) for notice in raw.notices}
         # poll() reads what the server sent without sending anything; on EOF it
         # raises and marks the connection closed.  The server's "terminating
@@ -51,6 +54,8 @@ class Psycopg2:
                 id(notice) not in before and notice.startswith(("FATAL:", "PANIC:"))
                 for notice in raw.notices
             ):
+                return Liveness.LOST
+            if raw.fileno() < 0:
                 return Liveness.LOST
             if not readable(raw.fileno()):
                 return Liveness.ALIVE
