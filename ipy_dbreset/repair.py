@@ -20,7 +20,6 @@ whether touching it is safe (see :mod:`ipy_dbreset.tracking`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -33,6 +32,7 @@ from django.db import Error
 
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge, open_work
+from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE, in_event_loop
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -92,11 +92,7 @@ def outside_event_loop(func: Callable[[], T]) -> T:
     in a short-lived thread while this one waits (it is not using the
     connection meanwhile).
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return func()
-    if os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
+    if not in_event_loop() or os.environ.get(ASYNC_UNSAFE_VARIABLE):
         return func()
     outcome: list[T] = []
     failure: list[BaseException] = []
