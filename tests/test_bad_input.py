@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
-from test_magics import bare_shell, demo_django, release_connections, run, shell
+
+from conftest import release_connections
+from harness import run
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
-
-__all__ = ["bare_shell", "demo_django", "shell"]  # fixtures shared with test_magics
 
 ALIASES = ("default", "other")
 
@@ -147,7 +147,7 @@ def test_the_shell_still_works_after_all_that(shell: InteractiveShell) -> None:
     prepare()
     for line in ("'", "-x", "nope", "\x00"):
         ran = run(shell, f"%dbreset {line}")
-        assert isinstance(ran.error, UsageError), ran.shown
+        assert isinstance(ran.exception, UsageError), ran.shown
         assert "Traceback" not in ran.shown
     assert run(shell, "%dbreset -q").ok
     after = run(shell, "Order.objects.count() >= 0")

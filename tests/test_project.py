@@ -7,151 +7,19 @@ IPython shell in its own process, in a folder and environment of its own
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from harness import ROOT
+from harness import ROOT, clean_env, run_shell
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-# Runs in the child process: an in-process IPython shell that runs the cells it
-# is given and writes, after each cell, what it showed and what the extension
-# left registered in the shell and the process.
-SHELL_SCRIPT = r"""
-import json, os, sys
-from IPython.core.interactiveshell import InteractiveShell
-from IPython.utils.capture import capture_output
-from traitlets.config import Config
-
-spec = json.loads(sys.argv[1])
-config = Config(spec["config"])
-config.HistoryManager.hist_file = ":memory:"
-shell = InteractiveShell.instance(config=config)
-
-
-def ours(callback):
-    return type(getattr(callback, "__self__", None)).__name__ == "DBReset"
-
-
-def state():
-    receivers = None
-    if "django.db.backends.signals" in sys.modules:
-        from django.db.backends.signals import connection_created
-
-        receivers = len(connection_created.receivers)
-    return {
-        "callbacks": {
-            event: sum(map(ours, shell.events.callbacks[event]))
-            for event in ("pre_run_cell", "post_run_cell")
-        },
-        "configurables": sum(type(c).__name__ == "DBReset" for c in shell.configurables),
-        "magics": sorted(n for n in ("dbreset", "dbstatus") if shell.find_line_magic(n)),
-        "env": {k: v for k, v in os.environ.items() if k.startswith("DJANGO_")},
-        "path": list(sys.path),
-        "loaded": "ipy_dbreset" in shell.extension_manager.loaded,
-        "receivers": receivers,
-    }
-
-
-report = {"before": state(), "cells": []}
-for code in spec["cells"]:
-    with capture_output() as shown:
-        result = shell.run_cell(code, store_history=True)
-    error = result.error_in_exec or result.error_before_exec
-    report["cells"].append(
-        {
-            "code": code,
-            "error": None if error is None else type(error).__name__,
-            "message": None if error is None else str(error),
-            "stdout": shown.stdout,
-            "stderr": shown.stderr,
-            "texts": [o.data.get("text/plain", "") for o in shown.outputs],
-            "htmls": [o.data.get("text/html", "") for o in shown.outputs],
-            "state": state(),
-        }
-    )
-with open(spec["report"], "w") as out:
-    json.dump(report, out)
-"""
-
-
-@dataclass
-class Cell:
-    """What one cell did in the child shell, and the shell's state after it."""
-
-    code: str
-    error: str | None
-    message: str | None
-    stdout: str
-    stderr: str
-    texts: list[str]
-    htmls: list[str]
-    state: dict[str, Any]
-
-    @property
-    def shown(self) -> str:
-        """Everything the user saw, as text."""
-        return "\n".join([self.stdout, self.stderr, *self.texts])
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class Session:
-    """A finished child shell: its state before the first cell, and each cell."""
-
-    before: dict[str, Any]
-    cells: list[Cell] = field(default_factory=list)
-    output: str = ""
-
-    def __getitem__(self, index: int) -> Cell:
-        return self.cells[index]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without Django's variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
-    env.update(PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-    env.update(extra)
-    return env
-
-
-def run_shell(
-    cells: list[str],
-    cwd: Path,
-    *,
-    env: dict[str, str] | None = None,
-    config: dict[str, dict[str, Any]] | None = None,
-    tmp_path: Path,
-) -> Session:
-    """Run ``cells`` in a fresh IPython shell process started in ``cwd``."""
-    report = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
-    spec = {"cells": cells, "config": config or {}, "report": str(report)}
-    full_env = clean_env(IPYTHONDIR=str(tmp_path / "ipython"))
-    full_env.update(env or {})
-    done = subprocess.run(
-        [sys.executable, "-c", SHELL_SCRIPT, json.dumps(spec)],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0 and report.exists(), output
-    data = json.loads(report.read_text())
-    return Session(data["before"], [Cell(**c) for c in data["cells"]], output)
-
+    from harness import Cell, Session
 
 # -- a tmp Django project -------------------------------------------------------
 
@@ -230,7 +98,7 @@ def assert_clear_failure(
     session: Session, cell: Cell, *words: str, hints: tuple[str, ...] = SETTINGS_HINTS
 ) -> None:
     """One short UsageError naming the fix; nothing registered, nothing changed."""
-    assert cell.error == "UsageError", cell.shown
+    assert cell.ename == "UsageError", cell.shown
     shown = cell.shown.strip()
     assert "Traceback" not in shown
     assert len(shown) < 700 and len(shown.splitlines()) == 1, shown
@@ -484,9 +352,9 @@ def test_failed_load_leaves_no_half_registered_extension(tmp_path: Path) -> None
         tmp_path=tmp_path,
     )
     imported, load, status, unload = session.cells
-    assert load.error == "UsageError"
+    assert load.ename == "UsageError"
     assert load.state["receivers"] == imported.state["receivers"]
-    assert status.error == "UsageError" and "not found" in status.shown
+    assert status.ename == "UsageError" and "not found" in status.shown
     assert unload.ok, unload.shown
     assert "not loaded" in unload.shown
 
