@@ -260,9 +260,7 @@ SECRET = "Sup3r-Secret-pw"
 @pytest.mark.postgres
 def test_no_output_shows_the_database_password(start_kernel, postgres_url, postgres_db) -> None:
     """PostgreSQL here trusts local users, so a PASSWORD is accepted and must stay unseen."""
-    import time
-
-    from conftest import terminate_backends
+    from conftest import terminate_backends, wait_until_disconnected
 
     url = postgres_url.replace("postgresql://postgres@", f"postgresql://postgres:{SECRET}@")
     kernel = start_kernel(url, load=False)
@@ -279,7 +277,7 @@ def test_no_output_shows_the_database_password(start_kernel, postgres_url, postg
     )
     kernel.ok("transaction.set_autocommit(True)")
     assert terminate_backends(postgres_db) >= 1
-    time.sleep(0.2)
+    wait_until_disconnected(postgres_db)
     kernel.ok("Order.objects.count()")
     kernel.ok("%dbstatus default")
     kernel.ok("%dbreset")
