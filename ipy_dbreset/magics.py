@@ -23,13 +23,15 @@ import logging
 import os
 import sys
 import threading
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Bool, Enum, Int, Unicode, observe
+from traitlets import Bool, Enum, Int, TraitError, TraitType, Unicode, observe
+from traitlets.config.loader import DeferredConfig
 
 from ipy_dbreset.checkup import RepairFailed
 from ipy_dbreset.display import Notice, Table, repair_notice
@@ -67,6 +69,30 @@ class ResetResult(list["Repair"]):
 
 def _not_running(suspect: bool, listen: bool) -> None:
     return None
+
+
+class _Verbosity(Int):  # type: ignore[type-arg]
+    """0, 1 or 2; a bad value's error lists them (Int's bounds error names only one)."""
+
+    info_text = "0, 1 or 2"
+
+    def validate(self, obj: Any, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2:
+            self.error(obj, value)
+        return value
+
+
+class BadOption(ValueError):
+    """A configured value that the option does not accept; the message names both."""
+
+
+def _allowed(trait: TraitType[Any, Any]) -> str:
+    if isinstance(trait, Bool):
+        return "True or False"
+    if isinstance(trait, Enum):
+        *first, last = map(repr, trait.values or ())
+        return f"{', '.join(first)} or {last}" if first else last
+    return trait.info()
 
 
 @magics_class
@@ -117,7 +143,7 @@ class DBReset(Magics):
             "DJANGO_SETTINGS_MODULE and manage.py."
         ),
     ).tag(config=True)
-    verbosity = Int(
+    verbosity = _Verbosity(
         1,
         help=(
             "0: say nothing (use logging), 1: one line per repair, 2: also setup details "
@@ -133,8 +159,38 @@ class DBReset(Magics):
         self._last_reset: ResetResult | None = None
         self._check_before = self._check_after = False
         self._run: Callable[[bool, bool], list[Repair] | None] = _not_running
-        super().__init__(shell=shell, **kwargs)
+        try:
+            super().__init__(shell=shell, **kwargs)
+        except (TraitError, ValueError) as exc:  # ValueError: a bad --DBReset.x=... string
+            # Magics.__init__ put us in shell.configurables before the config was
+            # read: leave, or the next %load_ext would find us and register nothing.
+            if shell is not None:
+                with suppress(ValueError):
+                    shell.configurables.remove(self)  # type: ignore[arg-type]
+            raise BadOption(self._bad_option(shell, exc)) from None
         self._switches_changed()
+
+    def _bad_option(self, shell: InteractiveShell | None, exc: Exception) -> str:
+        """``c.DBReset.verbosity = 'x' is not valid: expected 0, 1 or 2``."""
+        config = getattr(shell, "config", None)
+        section = config.get(type(self).__name__, {}) if config is not None else {}
+        traits = self.traits(config=True)
+        for name, raw in section.items():
+            trait = traits.get(name)
+            if trait is None:
+                continue
+            shown = str(raw) if isinstance(raw, DeferredConfig) else raw  # --DBReset.x=...
+            try:
+                # On this instance, which is being thrown away: its traits are
+                # still the defaults, and its observers see no checkup to act on.
+                value = raw.get_value(trait) if isinstance(raw, DeferredConfig) else raw
+                setattr(self, name, value)
+            except (TraitError, ValueError):
+                return (
+                    f"c.{type(self).__name__}.{name} = {shown!r} is not valid: "
+                    f"expected {_allowed(trait)}"
+                )
+        return f"{type(self).__name__} configuration is not valid: {str(exc).splitlines()[0]}"
 
     # -- life cycle ----------------------------------------------------------
 
@@ -445,7 +501,20 @@ def load(ipython: InteractiveShell) -> None:
     """Register everything, or nothing if Django cannot be set up."""
     if _loaded(ipython) is not None:
         return
-    magics = DBReset(shell=ipython)
+    try:
+        magics = DBReset(shell=ipython)
+    except BadOption as exc:
+        if _starting_up():
+            # Nothing is registered, but IPython counts the extension as loaded.
+            print(
+                f"ipy_dbreset: {exc}; fix it with %config, then %reload_ext ipy_dbreset",
+                file=sys.stderr,
+            )
+            return
+        raise UsageError(
+            f"ipy_dbreset: {exc}; fix it in ipython_config.py or with %config, "
+            "then %load_ext ipy_dbreset"
+        ) from None
     try:
         magics.start()
     except BaseException as exc:

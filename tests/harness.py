@@ -249,6 +249,9 @@ class Session:
         return self.cells[index]
 
 
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without Django's variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
@@ -264,14 +267,24 @@ def run_shell(
     env: dict[str, str] | None = None,
     config: dict[str, dict[str, Any]] | None = None,
     tmp_path: Path,
+    unprivileged: bool = False,
 ) -> Session:
-    """Run ``cells`` in a fresh IPython shell process started in ``cwd``."""
+    """Run ``cells`` in a fresh IPython shell process started in ``cwd``.
+
+    ``unprivileged``: as the ``nobody`` user, for whom permission bits count
+    (``tmp_path`` must then be writable by it).
+    """
     report = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
     spec = {"cells": cells, "config": config or {}, "report": str(report)}
     full_env = clean_env(IPYTHONDIR=str(tmp_path / "ipython"))
     full_env.update(env or {})
+    command = [sys.executable, "-c", SHELL_SCRIPT, json.dumps(spec)]
+    if unprivileged:
+        command = [*AS_NOBODY, *command]
+        # IPython follows the virtualenv's python symlink, maybe into root's home.
+        full_env.pop("VIRTUAL_ENV", None)
     done = subprocess.run(
-        [sys.executable, "-c", SHELL_SCRIPT, json.dumps(spec)],
+        command,
         cwd=cwd,
         env=full_env,
         capture_output=True,
@@ -283,3 +296,73 @@ def run_shell(
     assert done.returncode == 0 and report.exists(), output
     data = json.loads(report.read_text())
     return Session(data["before"], [Cell(**c) for c in data["cells"]], output)
+
+
+# -- a tmp Django project -------------------------------------------------------
+
+MANAGE_PY = """\
+#!/usr/bin/env python
+import os
+import sys
+
+print("MANAGE.PY WAS EXECUTED")
+raise SystemExit("manage.py must only be read, never run")
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "{settings}")
+    {extra}
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
+"""
+
+SETTINGS = """\
+SECRET_KEY = "test-only"
+INSTALLED_APPS = ["django.contrib.contenttypes", "myapp"]
+USE_TZ = True
+DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": {db!r}}}}}
+MARK = {mark!r}
+"""
+
+
+def make_project(root: Path, *, settings: str = "mysite.settings", extra: str = "") -> Path:
+    """``root/myproject`` with manage.py, mysite/settings.py, an app, and notebooks/."""
+    project = root / "myproject"
+    (project / "mysite").mkdir(parents=True)
+    (project / "myapp").mkdir()
+    (project / "notebooks" / "deeper").mkdir(parents=True)
+    (project / "manage.py").write_text(MANAGE_PY.format(settings=settings, extra=extra))
+    (project / "mysite" / "__init__.py").write_text("")
+    (project / "myapp" / "__init__.py").write_text("")
+    for name in ("settings", "other_settings", "option_settings"):
+        write_settings(project, name)
+    return project
+
+
+def write_settings(project: Path, name: str, body: str | None = None) -> None:
+    db = str(project / f"{name}.sqlite3")
+    text = SETTINGS.format(db=db, mark=name) if body is None else body
+    (project / "mysite" / f"{name}.py").write_text(text)
+
+
+WHICH = (
+    "from django.conf import settings\n"
+    "from django.db import connection\n"
+    "connection.ensure_connection()\n"
+    "print('MARK', settings.MARK)"
+)
+
+
+def mark(cell: Cell) -> str:
+    """Which settings module the shell ended up with (each one has its own MARK)."""
+    assert cell.ok, cell.shown
+    return cell.stdout.split("MARK", 1)[1].strip()
+
+
+def assert_loaded(cell: Cell) -> None:
+    assert cell.ok, cell.shown
+    state = cell.state
+    assert state["magics"] == ["dbreset", "dbstatus"]
+    assert state["callbacks"] == {"pre_run_cell": 1, "post_run_cell": 1}
+    assert state["configurables"] == 1
+    assert state["loaded"]
