@@ -170,6 +170,12 @@ def mysql_admin(sql: str, params: tuple[object, ...] = (), db: str | None = None
 def mysql_db() -> Iterator[str]:
     """A fresh, migrated MariaDB database for this test session; yields its name."""
     try:
+        import MySQLdb  # noqa: F401
+    except ImportError as exc:
+        # mysqlclient is built from source (compiler, libmariadb-dev): the test
+        # extra leaves it out, the mysql and dev extras bring it.
+        unavailable(f'mysqlclient is not installed (pip install -e ".[test,mysql]"): {exc}')
+    try:
         mysql_admin("select 1")
     except Exception as exc:
         unavailable(f"MariaDB/MySQL not reachable at {MYSQL_HOST}:{MYSQL_PORT}: {exc}")
