@@ -73,6 +73,8 @@ class Checkup:
         healthy last time, for a check right after a cell that raised nothing:
         what the server sends meanwhile is the next check's business.
         """
+        if self.tracker.preflight.found:
+            return self._with_preflight(self._full_run(suspect))
         # The hot path, before and after every cell: each connection that was
         # healthy last time is asked one cheap question by a function built for
         # it.  Any other answer, a new or reconnected connection, a busy one
@@ -142,6 +144,22 @@ class Checkup:
         self._fast, self._fast_others = fast, fast_others
         self._fast_version = version if clean else -1
         return None if clean else done
+
+    def _with_preflight(self, repairs: list[Repair] | None) -> list[Repair]:
+        """Add what was done or seen just before queries since the last check.
+
+        A connection this check repaired itself is left to its own notice,
+        which says the same, later.
+        """
+        done = repairs or []
+        repaired = {(r.alias, r.thread) for r in done}
+        early: dict[tuple[tuple[str, str | None], str], Repair] = {}
+        for record in self.tracker.preflight.drain():
+            key = (record.alias, record.thread)
+            if key not in repaired:
+                early[key, record.action] = record  # once per connection and kind
+                self.last[key] = record
+        return [*early.values(), *done]
 
     def _fix(
         self, wrapper: BaseDatabaseWrapper, thread: str | None, verdict: Verdict, done: list[Repair]

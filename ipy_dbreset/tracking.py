@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from django.db import connections
 from django.db.backends.signals import connection_created
 
+from ipy_dbreset.preflight import Preflight
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
@@ -74,15 +76,20 @@ class ConnectionTracker:
         self._on_connect: weakref.WeakKeyDictionary[
             BaseDatabaseWrapper, Callable[[BaseDatabaseWrapper], None]
         ] = weakref.WeakKeyDictionary()
+        self.preflight = Preflight()
+        """Looks at every tracked connection before its queries (:mod:`ipy_dbreset.preflight`)."""
 
     def start(self) -> None:
         """Watch new connections; adopt the home thread's existing ones."""
         connection_created.connect(self._created, weak=False, dispatch_uid=self._uid)
         self._home.update(connections.all(initialized_only=True))
+        for wrapper in self._home:
+            self.preflight.install(wrapper)
         self.version += 1
 
     def stop(self) -> None:
         connection_created.disconnect(dispatch_uid=self._uid)
+        self.preflight.remove_all()
         self._on_connect.clear()
         self._home.clear()
         with self._lock:
@@ -105,12 +112,14 @@ class ConnectionTracker:
         thread = threading.current_thread()
         if thread is self.home_thread:
             self._home.add(connection)
+            self.preflight.install(connection)
             return
         with self._lock:
             if connection not in self._others:
                 guard = _Guard()
                 connection.execute_wrappers.append(guard)
                 self._others[connection] = (thread, guard)
+                self.preflight.install(connection, thread=thread.name, lock=guard.lock)
 
     @property
     def home(self) -> weakref.WeakSet[BaseDatabaseWrapper]:

@@ -77,6 +77,15 @@ class Driver(Protocol):
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         """The server's process or thread id for this connection, if known locally."""
 
+    def server_closed(self, wrapper: BaseDatabaseWrapper) -> bool:
+        """Whether the connection can no longer carry a query: the server (or driver) closed it.
+
+        Asked just before a query would be sent, so it sends nothing itself
+        while the socket is quiet: it reads the driver's state and polls the
+        socket.  Only input the client did not ask for is looked at closer
+        (:meth:`liveness`; on MySQL that is one ping).
+        """
+
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         """A function answering "still healthy?" for the current driver connection.
 

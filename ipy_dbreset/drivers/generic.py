@@ -31,5 +31,8 @@ class Generic:
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         return None
 
+    def server_closed(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False
+
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         return always_healthy  # only Django's own flags can say otherwise

@@ -55,6 +55,14 @@ class MySQLClient:
             return False
         return True
 
+    def server_closed(self, wrapper: BaseDatabaseWrapper) -> bool:
+        raw = wrapper.connection
+        if not raw.open:
+            return True
+        # An idle MySQL connection receives nothing unless the server is leaving
+        # (KILL, wait_timeout, shutdown): only then is a ping worth its round trip.
+        return readable(raw.fileno()) and self.liveness(wrapper) is Liveness.LOST
+
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         raw = wrapper.connection
         poll = poller(raw.fileno())

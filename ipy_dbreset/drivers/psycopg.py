@@ -66,6 +66,15 @@ class Psycopg:
         finally:
             pgconn.notice_handler = previous
 
+    def server_closed(self, wrapper: BaseDatabaseWrapper) -> bool:
+        raw: psycopg.Connection[object] = wrapper.connection
+        if raw.closed or raw.broken or raw.pgconn.status != pq.ConnStatus.OK:
+            return True
+        # A terminating backend sends "FATAL: terminating connection" and hangs
+        # up; unsolicited input may also be harmless (a NOTIFY, a parameter
+        # change), hence the closer look, which reads but never sends.
+        return readable(raw.pgconn.socket) and self.liveness(wrapper) is Liveness.LOST
+
     def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False  # libpq has no safe way to drain a query left running
 

@@ -61,6 +61,13 @@ class Psycopg2:
                 return Liveness.ALIVE
         return Liveness.ALIVE
 
+    def server_closed(self, wrapper: BaseDatabaseWrapper) -> bool:
+        raw = wrapper.connection
+        if raw.closed or raw.fileno() < 0:
+            return True
+        # See Psycopg.server_closed: unsolicited input is read, never answered.
+        return readable(raw.fileno()) and self.liveness(wrapper) is Liveness.LOST
+
     def settle(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False  # libpq has no safe way to drain a query left running
 

@@ -1,0 +1,171 @@
+"""Never starting a query on a connection the server has already closed.
+
+A cell queries, computes or sleeps for a while, and queries again; meanwhile
+the server dropped the connection (``pg_terminate_backend``, a restart,
+``idle_session_timeout``, MySQL's ``wait_timeout`` or ``KILL``).  The checks
+between cells cannot help: both queries are in the same cell.
+
+Django calls ``close_if_health_check_failed()`` first thing when it creates a
+cursor (``BaseDatabaseWrapper._cursor``) and in ``set_autocommit`` (so when an
+outermost ``atomic()`` is entered), before anything is sent: Django 4.1 to 6.x.
+Its own version makes a round trip, only with ``CONN_HEALTH_CHECKS``, once per
+request.  :meth:`Preflight.install` puts a replacement on a connection
+wrapper's instance: when the connection has been idle for a while, it asks the
+driver, from local signs only, whether the server closed it.  If so and no
+transaction is open, it closes it, and Django's ``ensure_connection`` right
+after opens a new one: the query runs there.  Otherwise, and always
+afterwards, Django's own method runs, so ``CONN_HEALTH_CHECKS`` keeps working.
+
+Nothing that was sent is ever sent again: a query that fails once sent fails
+as before.  Inside a transaction the query fails too (the transaction went
+with the connection); what was lost is recorded for the next notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ipy_dbreset.drivers import driver_for
+from ipy_dbreset.health import Problem, open_work
+from ipy_dbreset.repair import Repair, _drop
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+log = logging.getLogger(__name__)
+
+HOOK = "close_if_health_check_failed"
+
+IDLE = 0.002
+"""Seconds since the wrapper's previous cursor before a connection is looked at.
+
+Reading the clock costs tens of nanoseconds; a poll of the socket is a system
+call, too much for every query.  Skipping the look for a connection used less
+than this long ago only widens a race that no local check can close (the
+server may drop the connection between any check and the send) from
+microseconds to milliseconds.  The time since the previous cursor bounds the
+connection's idle time from above, and what this guards against (idle
+timeouts, a DBA's kill, a restart while the user computes) comes after seconds
+of idleness, not milliseconds.
+"""
+
+_SERVERS = frozenset({"postgresql", "mysql"})
+"""Vendors whose connections a server can close; SQLite's cannot hang up."""
+
+
+class Preflight:
+    """Installs the look before each query on connection wrappers, and collects what it did."""
+
+    def __init__(self) -> None:
+        self.found: deque[Repair] = deque()
+        """What the hooks did or saw, oldest first; appended from any thread, drained
+        by the between-cell check (deque appends and pops are thread-safe)."""
+        # Our hook on each wrapper, so that removal takes exactly ours away.
+        self._hooks: weakref.WeakKeyDictionary[BaseDatabaseWrapper, Callable[[], None]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()  # connections of several threads are hooked at once
+
+    def install(
+        self,
+        wrapper: BaseDatabaseWrapper,
+        *,
+        thread: str | None = None,
+        lock: threading.RLock | None = None,
+    ) -> None:
+        """Look at ``wrapper``'s connection before each of its queries (once; no-op after).
+
+        ``thread`` names its owner for the notice (``None``: the shell's thread).
+        ``lock`` is held while the connection is looked at and replaced, when
+        another thread may be repairing it meanwhile (see :mod:`ipy_dbreset.tracking`).
+        """
+        if wrapper.vendor not in _SERVERS or HOOK in wrapper.__dict__:
+            return
+        # Django's method, or the backend's override (the PostgreSQL pool's).
+        original: Callable[[], None] = getattr(wrapper, HOOK)
+        found = self.found
+        monotonic = time.monotonic
+        last = 0.0  # when a cursor was last asked for; 0: look at the first one
+
+        # A closure over the wrapper: wrappers hold cycles already (ops,
+        # features, ... point back at them), so this one costs nothing more.
+        def close_if_health_check_failed() -> None:
+            nonlocal last
+            now = monotonic()
+            if now - last > IDLE and wrapper.connection is not None:
+                if lock is None:
+                    _look(wrapper, thread, found)
+                else:
+                    with lock:
+                        _look(wrapper, thread, found)
+            last = now
+            original()
+
+        with self._lock:
+            if HOOK in wrapper.__dict__:
+                return
+            setattr(wrapper, HOOK, close_if_health_check_failed)
+            self._hooks[wrapper] = close_if_health_check_failed
+
+    def remove_all(self) -> None:
+        """Take every hook away again, leaving the wrappers as Django made them."""
+        with self._lock:
+            for wrapper, hook in list(self._hooks.items()):
+                if wrapper.__dict__.get(HOOK) is hook:
+                    delattr(wrapper, HOOK)
+            self._hooks.clear()
+        self.found.clear()
+
+    def drain(self) -> list[Repair]:
+        """What the hooks did since the last call, oldest first."""
+        done = []
+        while self.found:
+            done.append(self.found.popleft())
+        return done
+
+
+def _look(wrapper: BaseDatabaseWrapper, thread: str | None, found: deque[Repair]) -> None:
+    """Replace ``wrapper``'s connection if the server closed it and no transaction is open."""
+    raw = wrapper.connection
+    if raw is None:
+        return
+    driver_error: type[Exception] = wrapper.Database.Error  # type: ignore[attr-defined]
+    try:
+        closed = driver_for(raw).server_closed(wrapper)
+    except (driver_error, OSError) as exc:
+        # The query itself will meet whatever this was, exactly as without us.
+        log.debug("ipy_dbreset: %s: could not look before a query: %s", wrapper.alias, exc)
+        return
+    if not closed:
+        return
+    work = open_work(wrapper)
+    if work is None:
+        _drop(wrapper)  # ensure_connection(), right after us, opens a new one
+        repair = Repair(
+            wrapper.alias,
+            "reconnected before a query",
+            "the server had closed the connection; no transaction was open",
+            problem=Problem.LOST,
+            thread=thread,
+        )
+        log.info("ipy_dbreset: %s", repair.describe())
+    else:
+        # Reconnecting would run the rest of the transaction's queries in
+        # autocommit mode, without the work before them: let the query fail.
+        repair = Repair(
+            wrapper.alias,
+            "the server had closed the connection before a query",
+            "the query fails",
+            lost=f"{work} (the server had already discarded it)",
+            problem=Problem.LOST,
+            thread=thread,
+        )
+        log.warning("ipy_dbreset: %s", repair.describe())
+    found.append(repair)
