@@ -125,7 +125,7 @@ def committed_mysql(db: str) -> list[int]:
 def pg_kernel(
     start_kernel: Callable[..., Kernel], postgres_url: str, request: pytest.FixtureRequest
 ) -> Kernel:
-    kernel = start_kernel(postgres_url, request.param)
+    kernel = start_kernel(postgres_url, getattr(request, "param", None))
     kernel.ok(HELPERS)
     kernel.ok("Order.objects.create(number=1)")
     return kernel
@@ -139,7 +139,6 @@ def mysql_kernel(start_kernel: Callable[..., Kernel], mysql_url: str) -> Kernel:
     return kernel
 
 
-pg = [pytest.mark.kernel, pytest.mark.postgres]
 by_driver = pytest.mark.parametrize("pg_kernel", DRIVERS, indirect=True)
 
 
@@ -254,3 +253,31 @@ def test_query_in_atomic_block_after_kill_fails_and_says_what_was_lost(mysql_ker
     assert len(lost(cell)) == 1 and "lost: an atomic block" in lost(cell)[0], cell.notices
     assert mysql_kernel.ok("Order.objects.count()").value() == 1
     assert committed_mysql(mysql_db) == [1]
+
+
+# -- load and unload -------------------------------------------------------------
+
+HOOKED = "'close_if_health_check_failed' in connections['default'].__dict__"
+
+
+@pytest.mark.kernel
+@pytest.mark.postgres
+def test_unload_takes_the_hook_away_and_reload_puts_one_back(pg_kernel):
+    assert pg_kernel.ok(HOOKED).value() is True
+    pg_kernel.ok("%unload_ext ipy_dbreset")
+    assert pg_kernel.ok(HOOKED).value() is False
+    pg_kernel.ok("import os; os.environ['DJANGO_ALLOW_ASYNC_UNSAFE'] = 'true'")  # unload took it
+    # Without the extension, the mid-cell fault fails the cell as it always did.
+    assert pg_kernel.run(MID_CELL).ename == "OperationalError"
+    pg_kernel.ok("%load_ext ipy_dbreset")
+    pg_kernel.ok("%reload_ext ipy_dbreset")
+    assert pg_kernel.ok(HOOKED).value() is True
+    assert pg_kernel.ok(MID_CELL).value() == (1, 1)
+
+
+def test_sqlite_connections_are_left_as_django_made_them(shell):
+    from harness import run
+
+    assert run(shell, "Order.objects.count()").ok
+    cell = run(shell, HOOKED)
+    assert cell.ok and cell.result is False
