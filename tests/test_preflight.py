@@ -77,8 +77,8 @@ def kill(sid, using="default"):
 
 # A cell that queries, has its connection dropped by the server, and queries again.
 MID_CELL = """
-before = server_id()
 first = Order.objects.count()
+before = server_id()
 kill(before)
 first, Order.objects.count()
 """
