@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import DRIVERS, terminate_backends
+from conftest import DRIVERS, pg_admin, terminate_backends
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 pytestmark = [pytest.mark.kernel, pytest.mark.postgres]
 
@@ -31,6 +35,107 @@ def hold_transaction():
 job = pool.submit(hold_transaction)
 """
 )
+
+
+# The async ORM runs in asgiref's single-thread executor; an atomic block left
+# open there stays open between cells, as one left open in the shell's thread.
+ASYNC_BLOCK = """
+from asgiref.sync import sync_to_async
+def open_block():
+    global block
+    block = transaction.atomic()
+    block.__enter__()
+    Order.objects.create(number=1)
+def close_block():
+    block.__exit__(None, None, None)
+def backend_pid():
+    with connection.cursor() as cursor:
+        cursor.execute("select pg_backend_pid()")
+        return cursor.fetchone()[0]
+"""
+EXECUTOR = "default (thread ThreadPoolExecutor-"
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout}s"
+        time.sleep(0.05)
+
+
+def sessions(dbname: str) -> int:
+    rows = pg_admin(
+        "select count(*) from pg_stat_activity where datname = %s and pid <> pg_backend_pid()",
+        (dbname,),
+    )
+    return int(rows[0][0])
+
+
+def committed(dbname: str) -> list[int]:
+    return [n for (n,) in pg_admin("select number from shop_order order by number", dbname=dbname)]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_async_orm_atomic_block_after_terminated_backend_is_repaired(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    kernel = start_kernel(postgres_url, driver)
+    kernel.ok(ASYNC_BLOCK)
+    kernel.ok("await sync_to_async(open_block)()")
+    assert terminate_backends(postgres_db) >= 2  # the shell's and the executor's
+    wait_until(lambda: sessions(postgres_db) == 0, "disconnected")
+    cell = kernel.ok("await Order.objects.acount()")
+    assert cell.value() == 0  # the block's row went with the server's session
+    assert any(
+        EXECUTOR in n and "closed" in n and "lost: an atomic block" in n for n in cell.notices
+    ), cell.notices
+    cell = kernel.ok("await Order.objects.acount()")
+    assert cell.value() == 0
+    assert cell.notices == []
+    assert kernel.ok("Order.objects.count()").value() == 0
+    assert kernel.failed == 0
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_async_orm_atomic_block_after_duplicate_key_is_repaired(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    kernel = start_kernel(postgres_url, driver)
+    kernel.ok(ASYNC_BLOCK)
+    kernel.ok("await sync_to_async(open_block)()")
+    failed = kernel.run("await Order.objects.acreate(number=1)")
+    assert failed.ename == "IntegrityError"
+    cell = kernel.ok("await Order.objects.acount()")
+    assert cell.value() == 0
+    # Said after the failing cell, or before the next one if the executor was
+    # still on its way back to waiting for work when the first check ran.
+    notices = failed.notices + cell.notices
+    assert any(
+        EXECUTOR in n and "rolled back" in n and "lost: 1 aborted atomic block" in n
+        for n in notices
+    ), notices
+    assert (
+        kernel.ok("await Order.objects.acreate(number=2); await Order.objects.acount()").value()
+        == 1
+    )
+    assert committed(postgres_db) == [2]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_healthy_atomic_block_in_async_orm_thread_survives_an_error(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    """Nothing is lost that could still be committed, in the executor's thread too."""
+    kernel = start_kernel(postgres_url, driver)
+    kernel.ok(ASYNC_BLOCK)
+    kernel.ok("await sync_to_async(open_block)()")
+    failed = kernel.run("1/0")
+    assert failed.ename == "ZeroDivisionError"
+    cell = kernel.ok("await Order.objects.acount()")
+    assert cell.value() == 1  # its own uncommitted row, in its still open block
+    assert failed.notices == cell.notices == []
+    kernel.ok("await sync_to_async(close_block)()")
+    assert committed(postgres_db) == [1]
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
