@@ -71,6 +71,15 @@ def sessions(dbname: str) -> int:
     return int(rows[0][0])
 
 
+def sleeping(dbname: str) -> bool:
+    rows = pg_admin(
+        "select 1 from pg_stat_activity where datname = %s and state = 'active'"
+        " and query like 'select pg_sleep%%'",
+        (dbname,),
+    )
+    return bool(rows)
+
+
 def committed(dbname: str) -> list[int]:
     return [n for (n,) in pg_admin("select number from shop_order order by number", dbname=dbname)]
 
@@ -136,6 +145,42 @@ def test_healthy_atomic_block_in_async_orm_thread_survives_an_error(
     assert failed.notices == cell.notices == []
     kernel.ok("await sync_to_async(close_block)()")
     assert committed(postgres_db) == [1]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_dbreset_resets_async_orm_thread_and_names_busy_worker(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    kernel = start_kernel(postgres_url, driver)
+    kernel.ok(ASYNC_BLOCK + WORKER)
+    kernel.ok("await sync_to_async(open_block)()")
+    kernel.ok(
+        "def nap():\n"
+        "    with connection.cursor() as cursor:\n"
+        "        cursor.execute('select pg_sleep(60)')\n"
+        "job = pool.submit(nap)"
+    )
+    wait_until(lambda: sleeping(postgres_db), "sleeping")
+    cell = kernel.ok("result = %dbreset")
+    [notice] = cell.notices
+    assert f"{EXECUTOR}0_0): reset; the next query reconnects" in notice
+    assert "lost: an atomic block (rolled back)" in notice
+    assert "left, in use by their thread: default (thread worker_0)" in notice
+    assert kernel.ok("result.left").value() == [("default", "worker_0")]
+    assert kernel.ok("sorted(r.thread or '' for r in result)").value() == [
+        "",
+        "ThreadPoolExecutor-0_0",
+    ]
+    pg_admin(
+        "select pg_cancel_backend(pid) from pg_stat_activity where datname = %s"
+        " and query like 'select pg_sleep%%'",
+        (postgres_db,),
+    )
+    assert kernel.ok("type(job.exception(30)).__name__").value() == "OperationalError"
+    assert kernel.ok("await Order.objects.acount()").value() == 0
+    assert kernel.ok("pool.submit(count).result()").value() == 0
+    assert committed(postgres_db) == []
+    assert kernel.failed == 0
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
