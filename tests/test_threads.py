@@ -26,13 +26,16 @@ BUSY_WORKER = (
     + """
 import threading
 from django.db import transaction
-go = threading.Event()
+holding, go = threading.Event(), threading.Event()
 def hold_transaction():
     # A worker in the middle of its own transaction, between two queries.
     with transaction.atomic():
         Order.objects.create(number=7)
+        holding.set()
         go.wait(30)
+        Order.objects.create(number=8)
 job = pool.submit(hold_transaction)
+holding.wait(30)
 """
 )
 
@@ -217,18 +220,34 @@ def test_busy_worker_connection_is_left_alone(start_kernel, postgres_url, postgr
     """A thread in the middle of a transaction keeps its connection; only it may end it."""
     kernel = start_kernel(postgres_url)
     kernel.ok(BUSY_WORKER)
-    time.sleep(0.3)
     cell = kernel.ok("Order.objects.count()")
     assert cell.value() == 0  # not committed yet, and not touched
     assert cell.notices == []
     kernel.ok("go.set(); job.result()")
-    assert kernel.ok("Order.objects.count()").value() == 1
+    assert kernel.ok("Order.objects.count()").value() == 2
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_running_worker_keeps_its_lost_transaction_to_itself(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    """Its atomic block is not unwound under it: its next write fails, none is autocommitted."""
+    kernel = start_kernel(postgres_url, driver)
+    kernel.ok(BUSY_WORKER)
+    assert terminate_backends(postgres_db) >= 2  # the shell's and the worker's
+    wait_until(lambda: sessions(postgres_db) == 0, "disconnected")
+    cell = kernel.ok("Order.objects.count()")
+    assert cell.value() == 0
+    assert not any("worker" in n for n in cell.notices), cell.notices
+    failure = kernel.ok("go.set(); type(job.exception(30)).__name__").value()
+    assert failure in ("OperationalError", "InterfaceError")
+    assert committed(postgres_db) == []
+    assert kernel.ok("pool.submit(count).result()").value() == 0
 
 
 def test_verbose_mode_names_connections_left_alone(start_kernel, postgres_url):
     kernel = start_kernel(postgres_url)
     kernel.ok(BUSY_WORKER)
-    time.sleep(0.3)
     kernel.ok("%config DBReset.verbosity = 2")
     cell = kernel.ok("Order.objects.count()")
     assert any(
