@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
-    from ipy_dbreset.checkup import Checkup
+    from ipy_dbreset.checkup import Checkup, Failure
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,20 @@ _EVENTS = ("pre_run_cell", "post_run_cell")
 class ResetResult(list["Repair"]):
     """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset."""
 
-    def __init__(self, repairs: list[Repair], notice: Notice) -> None:
+    def __init__(
+        self,
+        repairs: list[Repair],
+        notice: Notice,
+        *,
+        left: list[tuple[str, str | None]] | None = None,
+        failed: list[Failure] | None = None,
+    ) -> None:
         super().__init__(repairs)
         self.notice = notice
+        self.left = left or []
+        """(alias, thread) of the connections left alone because their thread was using them."""
+        self.failed = failed or []
+        """The connections that could not be reset, with the database's error."""
         self.echoed = False
 
     def _ipython_display_(self) -> None:
@@ -340,14 +351,18 @@ class DBReset(Magics):
         self._check_before = running and self.auto_repair and self.check_before_cell
 
     def _failed(self, exc: RepairFailed) -> None:
+        """Say, in one line, what was repaired and which repairs failed."""
         log.warning("ipy_dbreset: repair failed: %s", exc)
-        self._say(Notice(f"could not repair {exc}; run %dbreset", "error"))
+        parts = [r.describe() for r in exc.done]
+        parts += [f"could not repair {f.describe()}" for f in exc.failures]
+        self._say(Notice(f"{'; '.join(parts)}; run %dbreset", "error"))
+        self._report([])
 
     def _report(self, repairs: list[Repair]) -> None:
         if repairs and self.verbosity >= 1:
             self._say(repair_notice(repairs))
         if self.verbosity >= 2 and self.checkup is not None and self.checkup.skipped:
-            busy = ", ".join(f"{alias} (thread {thread})" for alias, thread in self.checkup.skipped)
+            busy = _threads(self.checkup.skipped)
             self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
 
     def _say(self, notice: Notice) -> None:
@@ -382,7 +397,9 @@ class DBReset(Magics):
         Rolls back whatever each connection holds (open atomic blocks, a manual
         transaction) and closes it; the next query opens a fresh connection.
         Connections owned by another thread are reset only while that thread
-        is not using them.  Returns the list of what was reset.
+        is not using them; those left are named.  Returns the list of what was
+        reset, with ``.left`` (alias, thread) of those left and ``.failed``
+        those the database would not let go of (shown even with ``-q``).
 
         Examples
         --------
@@ -396,17 +413,28 @@ class DBReset(Magics):
         aliases = self._aliases(args.aliases) if args.aliases else None
         if self.checkup is None:
             raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
+        failed: list[Failure] = []
         try:
             repairs = self.checkup.reset(aliases)
         except RepairFailed as exc:
-            raise UsageError(f"ipy_dbreset: could not reset {exc}") from None
-        if repairs:
-            notice = repair_notice(repairs)
+            repairs, failed = exc.done, exc.failures
+        left = list(self.checkup.skipped)
+        parts = [r.describe() for r in repairs]
+        parts += [f"could not reset {f.describe()}" for f in failed]
+        if left:
+            parts.append(f"left, in use by their thread: {_threads(left)}")
+        if failed:
+            notice = Notice("; ".join(parts), "error")
+        elif repairs:
+            notice = Notice("; ".join(parts))
+        elif left:
+            notice = Notice("; ".join(parts), "info")
         else:
             which = ", ".join(aliases) if aliases else "any alias"
             notice = Notice(f"nothing to reset: no open connection for {which}", "info")
-        result = ResetResult(repairs, notice)
-        if not args.quiet:
+        result = ResetResult(repairs, notice, left=left, failed=failed)
+        # A failure is said even with -q: the connection is still broken.
+        if not args.quiet or failed:
             self._say(notice)
             result.echoed = True
             self._last_reset = result
@@ -465,6 +493,11 @@ class DBReset(Magics):
             "last repair",
         ]
         return Table(columns, rows, "no database connection in use")
+
+
+def _threads(connections: list[tuple[str, str | None]]) -> str:
+    """``default (thread worker_0), other (thread worker_0)``."""
+    return ", ".join(f"{alias} (thread {thread})" for alias, thread in connections)
 
 
 def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
