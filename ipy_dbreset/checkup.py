@@ -81,7 +81,11 @@ class Checkup:
     def __init__(self, tracker: ConnectionTracker, *, leave_manual_transactions: bool = False):
         self.tracker = tracker
         self.leave_manual_transactions = leave_manual_transactions
-        self.last: dict[tuple[str, str | None], Repair] = {}
+        self.last: weakref.WeakKeyDictionary[BaseDatabaseWrapper, Repair] = (
+            weakref.WeakKeyDictionary()
+        )
+        """The last repair or reset of each connection (not of its alias: a thread
+        can hold more than one wrapper of an alias, and one of them may not be in use)."""
         self._told: set[tuple[str, str | None]] = set()
         self.skipped: list[tuple[str, str | None]] = []
         """Connections the last run (or reset) left alone because their thread was using them."""
@@ -203,7 +207,7 @@ class Checkup:
             self.tracker.when_connected(wrapper, _manual_transactions)
         if leave:
             self._told.add(key)
-        self.last[key] = result
+        self.last[wrapper] = result
         done.append(result)
 
     def reset(self, aliases: Iterable[str] | None = None) -> list[Repair]:
@@ -235,7 +239,7 @@ class Checkup:
                     continue
             if result is not None:
                 self._told.discard(key)
-                self.last[key] = result
+                self.last[wrapper] = result
                 done.append(result)
         if failed:
             raise RepairFailed(failed, done)

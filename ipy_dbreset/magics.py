@@ -467,7 +467,7 @@ class DBReset(Magics):
             if wanted is not None and wrapper.alias not in wanted:
                 continue
             snap = snapshot(wrapper)
-            last = self.checkup.last.get((wrapper.alias, tracked.thread_name))
+            last = self.checkup.last.get(wrapper)
             rows.append(
                 [
                     snap.alias,

@@ -5,6 +5,15 @@ its own with ``connections.all(initialized_only=True)``; connections of other
 threads (the async ORM's executor thread in Jupyter, worker threads) are only
 seen when they are created, through Django's ``connection_created`` signal.
 
+Within one thread, Django's connections are not plain thread-locals either:
+its connection handler keeps them in an asgiref ``Local``, which, while an
+event loop runs, is a context variable.  A Jupyter kernel loads its start-up
+extensions before its loop runs and runs every cell inside the loop, in one
+context, so a connection created at start-up (Django's setup makes one while
+building models) is never the one a cell gets.  The shell thread's
+connections are therefore the ones reachable from the caller's context (a
+cell's, or a callback's around it), and only once they have connected.
+
 A connection owned by another thread is touched only when that thread cannot
 be using it: the thread has ended, or it is not running a query (a lock that
 an ``execute_wrapper`` holds around each of that connection's queries makes
@@ -28,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import connections
 from django.db.backends.signals import connection_created
+from django.utils.connection import ConnectionDoesNotExist
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -73,6 +83,22 @@ class _Guard:
             return execute(sql, params, many, context)
 
 
+def _reached(wrapper: BaseDatabaseWrapper, current: dict[str, BaseDatabaseWrapper]) -> bool:
+    """Whether ``connections[wrapper.alias]`` is ``wrapper`` in the caller's context.
+
+    ``current`` is what the context holds of the aliases ``DATABASES`` names;
+    nothing is created to find out.
+    """
+    if wrapper.alias in current:
+        return current[wrapper.alias] is wrapper
+    if wrapper.alias in connections.settings:
+        return False  # this context holds none of that alias
+    try:  # an alias DATABASES does not name, put in place by hand: finding it creates nothing
+        return connections[wrapper.alias] is wrapper
+    except ConnectionDoesNotExist:
+        return False
+
+
 class ConnectionTracker:
     """Every Django connection of this process that is known to be in use.
 
@@ -97,9 +123,12 @@ class ConnectionTracker:
         ] = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
-        """Watch new connections; adopt the home thread's existing ones."""
+        """Watch new connections; adopt the home thread's open ones."""
         connection_created.connect(self._created, weak=False, dispatch_uid=self._uid)
-        self._home.update(connections.all(initialized_only=True))
+        # A wrapper that never connected is not in use (Django's setup creates
+        # one, unconnected); it is adopted by the signal if it ever connects.
+        opened = [w for w in connections.all(initialized_only=True) if w.connection is not None]
+        self._home.update(opened)
         self.version += 1
 
     def stop(self) -> None:
@@ -134,13 +163,18 @@ class ConnectionTracker:
                 self._others[connection] = (thread, guard)
 
     @property
-    def home(self) -> weakref.WeakSet[BaseDatabaseWrapper]:
-        """The home thread's connections that have connected at least once.
+    def home(self) -> list[BaseDatabaseWrapper]:
+        """The home thread's connections that have connected at least once, and
+        that the caller's context reaches.
 
-        Kept from the signal: listing them with ``connections.all()`` before
-        every cell would cost more than judging them.
+        Known from the signal; ``connections.all()`` only tells which of them
+        the caller's context can still reach (in a kernel, one connected while
+        the kernel started up cannot be reached by any cell).
         """
-        return self._home
+        if not self._home:
+            return []
+        current = {w.alias: w for w in connections.all(initialized_only=True)}
+        return [w for w in self._home if _reached(w, current)]
 
     def has_others(self) -> bool:
         return bool(self._others)
@@ -155,7 +189,7 @@ class ConnectionTracker:
 
         Only valid when called from the home thread.
         """
-        for wrapper in self._home:
+        for wrapper in self.home:
             yield Tracked(wrapper, None)
         yield from self.others()
 
