@@ -3,7 +3,8 @@
 A short session::
 
     In [1]: %load_ext ipy_dbreset
-    ipy_dbreset: Django set up with shop.settings (from /src/shop/manage.py)
+    ipy_dbreset: Django set up with shop.settings (found in /src/shop/manage.py);
+    DJANGO_SETTINGS_MODULE was set to it
     In [2]: Order.objects.create(number=1)   # IntegrityError: the cell fails ...
     ipy_dbreset: default: rolled back (the transaction was aborted by an error: ...)
     In [3]: Order.objects.count()            # ... and the next one works
@@ -170,6 +171,9 @@ class DBReset(Magics):
         self._last_reset: ResetResult | None = None
         self._check_before = self._check_after = False
         self._run: Callable[[bool, bool], list[Repair] | None] = _not_running
+        # Said while a kernel started up, before any cell could show it: shown
+        # with the first cell's output.
+        self._held: list[Notice] = []
         try:
             super().__init__(shell=shell, **kwargs)
         except (TraitError, ValueError) as exc:  # ValueError: a bad --DBReset.x=... string
@@ -315,6 +319,8 @@ class DBReset(Magics):
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
+        if self._held:
+            self._show_held()
         if self._check_before:
             try:
                 repairs = self._run(False, True)
@@ -366,7 +372,19 @@ class DBReset(Magics):
             self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
 
     def _say(self, notice: Notice) -> None:
+        if getattr(self.shell, "kernel", None) is not None and _starting_up(_START_UP_STEPS):
+            # Sent now, it would belong to no cell and no notebook would show it.
+            # A terminal shows it as it is printed.
+            self._held.append(notice)
+            return
         display(notice)
+
+    def _show_held(self) -> None:
+        if _starting_up(_START_UP_STEPS):
+            return  # exec_lines run as cells while the kernel starts: not the user's
+        held, self._held = self._held, []
+        for notice in held:
+            display(notice)
 
     # -- magics --------------------------------------------------------------
 
@@ -520,11 +538,18 @@ def _loaded(ipython: InteractiveShell) -> DBReset | None:
     return None
 
 
-def _starting_up() -> bool:
-    """Whether the shell is loading its configured extensions (``--ext``, config files)."""
+# The steps of InteractiveShellApp that load extensions and run code at start-up.
+_START_UP_STEPS = ("init_extensions", "init_code")
+
+
+def _starting_up(steps: tuple[str, ...] = ("init_extensions",)) -> bool:
+    """Whether the shell is in one of ``steps`` of its start-up.
+
+    By default: loading its configured extensions (``--ext``, config files).
+    """
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "init_extensions" and "self" in frame.f_locals:
+        if frame.f_code.co_name in steps and "self" in frame.f_locals:
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False

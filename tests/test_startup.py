@@ -16,10 +16,11 @@ cells use.  Whatever way it was loaded:
 from __future__ import annotations
 
 import re
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
-from test_shells import Project, SpecKernel, run_shell_plus_server
+from test_shells import Project, SpecKernel, Terminal, run_shell_plus_server
 
 from conftest import terminate_backends, wait_until_disconnected
 from harness import DEMO, Kernel
@@ -27,8 +28,6 @@ from harness import DEMO, Kernel
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
-
-pytestmark = [pytest.mark.kernel, pytest.mark.postgres]
 
 FIRST_CELL = "from shop.models import Order\nfrom django.db import connection"
 EXEC_LINES_QUERY = (
@@ -83,6 +82,8 @@ def default_rows(kernel: Kernel) -> list[str]:
 WAYS = ["load_ext", "argv", "config", "config, querying at start-up", "shell_plus"]
 
 
+@pytest.mark.kernel
+@pytest.mark.postgres
 @pytest.mark.parametrize("way", WAYS)
 def test_dbstatus_has_one_row_per_connection_and_the_repair_on_it(
     way: str, tmp_path: Path, postgres_url: str, postgres_db: str, kernels: list[Kernel]
@@ -101,3 +102,36 @@ def test_dbstatus_has_one_row_per_connection_and_the_repair_on_it(
     assert len(rows) == 1, rows
     assert re.search(r"\byes\s+\d+\s+idle\s+on\s+\d\d:\d\d:\d\d \w", rows[0]), rows
     assert kernel.failed == 0
+
+
+@pytest.mark.kernel
+@pytest.mark.postgres
+@pytest.mark.parametrize("way", WAYS)
+def test_start_up_notices_are_shown_with_the_first_cell(
+    way: str, tmp_path: Path, postgres_url: str, kernels: list[Kernel]
+) -> None:
+    kernel, notices = start(way, Project(tmp_path, postgres_url), kernels)
+    if way == "shell_plus":  # the server passes its DJANGO_SETTINGS_MODULE on
+        setup = "ipy_dbreset: Django set up with shell_plus_settings (from DJANGO_SETTINGS_MODULE)"
+    else:  # a statement of what was done, not an order to the user
+        setup = (
+            f"ipy_dbreset: Django set up with demo.settings (found in {DEMO / 'manage.py'}); "
+            "DJANGO_SETTINGS_MODULE was set to it"
+        )
+    assert setup in notices, notices
+    assert any("DJANGO_ALLOW_ASYNC_UNSAFE" in n for n in notices), notices
+    # Said once, in the first cell only.
+    later = kernel.ok("1 + 1")
+    assert later.notices == [], later.notices
+
+
+def test_terminal_ipython_shows_start_up_notices_as_it_starts(tmp_path: Path, sqlite_url: str):
+    project = Project(tmp_path, sqlite_url)
+    project.ipython_config(extension=False)
+    argv = [sys.executable, "-m", "IPython", "--no-banner", "--ext", "ipy_dbreset"]
+    shell = Terminal(argv, DEMO, project.env())
+    try:
+        assert "ipy_dbreset: Django set up with demo.settings (found in" in shell.banner
+        assert shell.type("1 + 1").strip() == "Out[1]: 2"  # said once, at start-up
+    finally:
+        shell.close()
