@@ -252,6 +252,11 @@ class DBReset(Magics):
             self._psycopg2_interruptible(False)
 
     def _psycopg2_interruptible(self, on: bool) -> bool:
+        if not on and not self._set_wait_callback:
+            # Nothing of ours to undo: importing psycopg2 (and psycopg2.extras) to
+            # find that out would cost most of the start-up of a psycopg 3 or
+            # SQLite project, and a callback set by someone else stays as it is.
+            return False
         try:
             from ipy_dbreset.drivers.psycopg2 import make_interruptible
         except ImportError:  # psycopg2 is not installed: nothing to make interruptible
