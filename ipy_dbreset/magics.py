@@ -79,7 +79,7 @@ class ResetResult(list["Repair"]):
         display(self.notice)
 
 
-def _not_running(suspect: bool, listen: bool) -> None:
+def _not_running(suspect: bool, listen: bool, failed: bool) -> None:
     return None
 
 
@@ -170,7 +170,7 @@ class DBReset(Magics):
         self._set_wait_callback = False
         self._last_reset: ResetResult | None = None
         self._check_before = self._check_after = False
-        self._run: Callable[[bool, bool], list[Repair] | None] = _not_running
+        self._run: Callable[[bool, bool, bool], list[Repair] | None] = _not_running
         # Said while a kernel started up, before any cell could show it: shown
         # with the first cell's output.
         self._held: list[Notice] = []
@@ -328,7 +328,7 @@ class DBReset(Magics):
             self._show_held()
         if self._check_before:
             try:
-                repairs = self._run(False, True)
+                repairs = self._run(False, True, False)
             except RepairFailed as exc:
                 self._failed(exc)
                 return
@@ -346,9 +346,9 @@ class DBReset(Magics):
                 # A cell that raised nothing can only have left a trace in the
                 # driver's and Django's state; the sockets are for the next check.
                 if error is None:
-                    repairs = self._run(False, False)
+                    repairs = self._run(False, False, False)
                 else:
-                    repairs = self._run(isinstance(error, KeyboardInterrupt), True)
+                    repairs = self._run(isinstance(error, KeyboardInterrupt), True, True)
             except RepairFailed as exc:
                 self._failed(exc)
                 return
