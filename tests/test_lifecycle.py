@@ -343,7 +343,7 @@ def test_psycopg3_project_never_imports_psycopg2(postgres_url: str, tmp_path: Pa
         env=demo_env(postgres_url, tmp_path),
         tmp_path=tmp_path,
     )
-    assert [c.error for c in session.cells] == [None, None, None, None, "ZeroDivisionError", None]
+    assert [c.ename for c in session.cells] == [None, None, None, None, "ZeroDivisionError", None]
     assert session[3].stdout.strip() == "psycopg"
     assert "DRIVERS False True" in session[5].stdout
 
