@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.db import Error
 
-from ipy_dbreset.drivers import driver_for
+from ipy_dbreset.drivers import Sockets, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge
 from ipy_dbreset.repair import Repair, repair, reset
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     from ipy_dbreset.drivers import FastCheck
-    from ipy_dbreset.tracking import ConnectionTracker, Tracked
+    from ipy_dbreset.tracking import ConnectionTracker, Mark, Tracked
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,37 @@ def _manual_transactions(wrapper: BaseDatabaseWrapper) -> None:
     wrapper.set_autocommit(False)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A connection whose repair (or reset) itself failed, and the database's error."""
+
+    alias: str
+    thread: str | None
+    error: str
+
+    def describe(self) -> str:
+        where = self.alias if self.thread is None else f"{self.alias} (thread {self.thread})"
+        return f"{where}: {self.error}"
+
+
 class RepairFailed(Exception):
-    """A repair itself failed (the database refused even a rollback or close)."""
+    """Some repairs (or resets) failed; every other connection was still seen to.
+
+    Raised at the end of a run, so that one connection the database refuses
+    to roll back or close does not keep the others broken.
+    """
+
+    def __init__(self, failures: list[Failure], done: list[Repair]) -> None:
+        super().__init__("; ".join(f.describe() for f in failures))
+        self.failures = failures
+        """One per connection whose repair failed."""
+        self.done = done
+        """What was repaired (or reset) all the same."""
+
+
+def _error(exc: Error) -> str:
+    """The error on one line (libpq's messages span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 class Checkup:
@@ -51,17 +81,28 @@ class Checkup:
     def __init__(self, tracker: ConnectionTracker, *, leave_manual_transactions: bool = False):
         self.tracker = tracker
         self.leave_manual_transactions = leave_manual_transactions
-        self.last: dict[tuple[str, str | None], Repair] = {}
+        self.last: weakref.WeakKeyDictionary[BaseDatabaseWrapper, Repair] = (
+            weakref.WeakKeyDictionary()
+        )
+        """The last repair or reset of each connection (not of its alias: a thread
+        can hold more than one wrapper of an alias, and one of them may not be in use)."""
         self._told: set[tuple[str, str | None]] = set()
         self.skipped: list[tuple[str, str | None]] = []
-        """Connections the last run left alone because their thread was using them."""
+        """Connections the last run (or reset) left alone because their thread was using them."""
         # The shell thread's connections live as long as the shell: kept as they
         # are.  Other threads' are kept by weak reference.
         self._fast: list[tuple[BaseDatabaseWrapper, Any, FastCheck]] = []
         self._fast_others: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
         self._fast_version = -1
+        # The fast path's baseline, taken from the two lists above after a
+        # clean full run: each healthy connection's driver connection and check,
+        # by the Mark its queries set, and all their sockets in one set.
+        self._watched: dict[Mark, tuple[Any, FastCheck]] = {}
+        self._sockets = Sockets(())
 
-    def run(self, suspect: bool = False, listen: bool = True) -> list[Repair] | None:
+    def run(
+        self, suspect: bool = False, listen: bool = True, failed: bool = False
+    ) -> list[Repair] | None:
         """Repair what is broken and return what was done.
 
         ``None`` means every connection was healthy and nothing was left out;
@@ -69,33 +110,87 @@ class Checkup:
 
         ``suspect`` asks for a liveness check of the shell thread's connections
         even when nothing local hints at trouble (after an interrupt).
-        ``listen=False`` skips looking at the sockets of connections that were
-        healthy last time, for a check right after a cell that raised nothing:
-        what the server sends meanwhile is the next check's business.
+        ``listen=False`` skips looking at the sockets, for a check right after a
+        cell that raised nothing: what the server sends meanwhile is the next
+        check's business.  ``failed`` (the cell raised) re-reads every
+        connection's local state, used or not: an exception can mark an atomic
+        block for rollback without a query.
         """
-        if self.tracker.preflight.found:
-            return self._with_preflight(self._full_run(suspect))
-        # The hot path, before and after every cell: each connection that was
-        # healthy last time is asked one cheap question by a function built for
-        # it.  Any other answer, a new or reconnected connection, a busy one
-        # left for later, or a suspicion, takes the full path below.
-        if not suspect and self._fast_version == self.tracker.version:
-            for wrapper, raw, healthy in self._fast:
-                if wrapper.connection is not raw or wrapper.needs_rollback or not healthy(listen):
-                    break
-            else:
-                for ref, raw, healthy in self._fast_others:
-                    other = ref()  # other threads' connections go with their thread
-                    if other is None or other.connection is not raw:
-                        break
-                    if other.needs_rollback or not healthy(listen):
-                        break
-                else:
-                    return None
-        return self._full_run(suspect)
+        # The hot path, before and after every cell.  A connection's state
+        # changes while it is used, and every query queues its connection's
+        # mark: only those are read again, each with a function built for it.
+        # What the server sent, to any connection, is one system call.  So a
+        # cell costs the same with one connection or a hundred.  Anything
+        # else (new connections, a mark nobody knows, a suspicion) takes the
+        # full path below.
+        tracker = self.tracker
+        # The look before each query (ipy_dbreset.preflight) may have something to say.
+        early = tracker.preflight.found
+        fast = not suspect and self._fast_version == tracker.version and not early
+        if fast and self._unchanged(listen, failed):
+            return None
+        if tracker.used:
+            tracker.take_used()  # the full run reads them all anyway
+        done = self._full_run(suspect)
+        if self._fast_version == tracker.version:
+            self._watch()
+        elif self._watched:  # no baseline until a clean run: keep nothing of the old one
+            self._watched = {}
+            self._sockets.close()
+        return self._with_preflight(done) if early else done
+
+    def _unchanged(self, listen: bool, failed: bool) -> bool:
+        """Whether every connection of the baseline is still as healthy as it was."""
+        if self.tracker.used and not self._still_healthy(self.tracker.take_used()):
+            return False
+        if failed and not self._still_healthy(self._watched):
+            return False
+        return not (listen and self._sockets.pending())
+
+    def _still_healthy(self, marks: Iterable[Mark]) -> bool:
+        watched = self._watched
+        for mark in list(marks):
+            wrapper = mark.wrapper()
+            if wrapper is None:  # gone with its thread: let its connection go too
+                watched.pop(mark, None)
+                continue
+            entry = watched.get(mark)
+            if entry is None:
+                return False
+            raw, healthy = entry
+            if wrapper.connection is not raw or wrapper.needs_rollback or not healthy():
+                return False
+        return True
+
+    def _watch(self) -> None:
+        """Take the connections the full run found healthy as the fast path's baseline."""
+        watched: dict[Mark, tuple[Any, FastCheck]] = {}
+        filenos = []
+        for wrapper, raw, check in self._fast:
+            mark = self.tracker.mark_of(wrapper)
+            if mark is None:  # not watched for queries: only the full path can judge it
+                self._fast_version = -1
+                return
+            watched[mark] = (raw, check)
+            filenos.append(driver_for(raw).fileno(wrapper))
+        for ref, raw, check in self._fast_others:
+            other = ref()
+            mark = None if other is None else self.tracker.mark_of(other)
+            if other is None or mark is None:
+                self._fast_version = -1
+                return
+            watched[mark] = (raw, check)
+            filenos.append(driver_for(raw).fileno(other))
+        # Kept by mark only, so that another thread's connection is let go
+        # with its wrapper (see Mark.wrapper).
+        self._fast, self._fast_others = [], []
+        self._watched = watched
+        self._sockets.close()
+        self._sockets = Sockets(filenos)
 
     def _full_run(self, suspect: bool) -> list[Repair] | None:
         done: list[Repair] = []
+        failed: list[Failure] = []
         fast: list[tuple[BaseDatabaseWrapper, Any, FastCheck]] = []
         fast_others: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
         version = self.tracker.version
@@ -108,7 +203,7 @@ class Checkup:
             verdict = judge(wrapper, suspect=suspect)
             if verdict is not None:
                 clean = False
-                self._fix(wrapper, None, verdict, done)
+                self._fix(wrapper, None, verdict, done, failed)
             else:
                 self._told.discard((wrapper.alias, None))
                 raw = wrapper.connection
@@ -131,7 +226,7 @@ class Checkup:
                     verdict = judge(wrapper)
                     if verdict is not None:
                         clean = False
-                        self._fix(wrapper, tracked.thread_name, verdict, done)
+                        self._fix(wrapper, tracked.thread_name, verdict, done, failed)
                     else:
                         # Reading its state later without the lock is safe: a
                         # busy socket only sends us back here, to the lock.
@@ -143,6 +238,8 @@ class Checkup:
         # thread must be judged in full again next time.
         self._fast, self._fast_others = fast, fast_others
         self._fast_version = version if clean else -1
+        if failed:
+            raise RepairFailed(failed, done)
         return None if clean else done
 
     def _with_preflight(self, repairs: list[Repair] | None) -> list[Repair]:
@@ -154,15 +251,20 @@ class Checkup:
         done = repairs or []
         repaired = {(r.alias, r.thread) for r in done}
         early: dict[tuple[tuple[str, str | None], str], Repair] = {}
-        for record in self.tracker.preflight.drain():
+        for wrapper, record in self.tracker.preflight.drain():
             key = (record.alias, record.thread)
             if key not in repaired:
                 early[key, record.action] = record  # once per connection and kind
-                self.last[key] = record
+                self.last[wrapper] = record
         return [*early.values(), *done]
 
     def _fix(
-        self, wrapper: BaseDatabaseWrapper, thread: str | None, verdict: Verdict, done: list[Repair]
+        self,
+        wrapper: BaseDatabaseWrapper,
+        thread: str | None,
+        verdict: Verdict,
+        done: list[Repair],
+        failed: list[Failure],
     ) -> None:
         key = (wrapper.alias, thread)
         leave = self.leave_manual_transactions and verdict.problem is Problem.ABORTED
@@ -176,18 +278,27 @@ class Checkup:
                 leave_manual_transactions=self.leave_manual_transactions,
             )
         except Error as exc:
-            raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
+            log.warning("ipy_dbreset: could not repair %s in thread %s", *key, exc_info=True)
+            failed.append(Failure(*key, _error(exc)))
+            return
         if result.keep_manual:
             self.tracker.when_connected(wrapper, _manual_transactions)
         if leave:
             self._told.add(key)
-        self.last[key] = result
+        self.last[wrapper] = result
         done.append(result)
 
     def reset(self, aliases: Iterable[str] | None = None) -> list[Repair]:
-        """Roll back and close the connections of ``aliases`` (default: all in use)."""
+        """Roll back and close the connections of ``aliases`` (default: all in use).
+
+        Those whose thread is using them are left, in :attr:`skipped`; if some
+        could not be reset, :class:`RepairFailed` is raised once all the
+        others were.
+        """
         wanted = None if aliases is None else set(aliases)
         done: list[Repair] = []
+        failed: list[Failure] = []
+        self.skipped = []
         for tracked in self.tracker:
             wrapper = tracked.wrapper
             if wanted is not None and wrapper.alias not in wanted:
@@ -196,15 +307,20 @@ class Checkup:
             with self.tracker.hold(tracked) as hold:
                 if not hold.free:
                     log.info("ipy_dbreset: %s in thread %s is in use; not reset", *key)
+                    self.skipped.append(key)
                     continue
                 try:
                     result = reset(wrapper, thread=tracked.thread_name)
                 except Error as exc:
-                    raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
+                    log.warning("ipy_dbreset: could not reset %s in thread %s", *key, exc_info=True)
+                    failed.append(Failure(*key, _error(exc)))
+                    continue
             if result is not None:
                 self._told.discard(key)
-                self.last[key] = result
+                self.last[wrapper] = result
                 done.append(result)
+        if failed:
+            raise RepairFailed(failed, done)
         return done
 
     def tracked(self) -> list[Tracked]:

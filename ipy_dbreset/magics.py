@@ -3,7 +3,8 @@
 A short session::
 
     In [1]: %load_ext ipy_dbreset
-    ipy_dbreset: Django set up with shop.settings (from /src/shop/manage.py)
+    ipy_dbreset: Django set up with shop.settings (found in /src/shop/manage.py);
+    DJANGO_SETTINGS_MODULE was set to it
     In [2]: Order.objects.create(number=1)   # IntegrityError: the cell fails ...
     ipy_dbreset: default: rolled back (the transaction was aborted by an error: ...)
     In [3]: Order.objects.count()            # ... and the next one works
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
-    from ipy_dbreset.checkup import Checkup
+    from ipy_dbreset.checkup import Checkup, Failure
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,20 @@ _EVENTS = ("pre_run_cell", "post_run_cell")
 class ResetResult(list["Repair"]):
     """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset."""
 
-    def __init__(self, repairs: list[Repair], notice: Notice) -> None:
+    def __init__(
+        self,
+        repairs: list[Repair],
+        notice: Notice,
+        *,
+        left: list[tuple[str, str | None]] | None = None,
+        failed: list[Failure] | None = None,
+    ) -> None:
         super().__init__(repairs)
         self.notice = notice
+        self.left = left or []
+        """(alias, thread) of the connections left alone because their thread was using them."""
+        self.failed = failed or []
+        """The connections that could not be reset, with the database's error."""
         self.echoed = False
 
     def _ipython_display_(self) -> None:
@@ -67,7 +79,7 @@ class ResetResult(list["Repair"]):
         display(self.notice)
 
 
-def _not_running(suspect: bool, listen: bool) -> None:
+def _not_running(suspect: bool, listen: bool, failed: bool) -> None:
     return None
 
 
@@ -158,7 +170,10 @@ class DBReset(Magics):
         self._set_wait_callback = False
         self._last_reset: ResetResult | None = None
         self._check_before = self._check_after = False
-        self._run: Callable[[bool, bool], list[Repair] | None] = _not_running
+        self._run: Callable[[bool, bool, bool], list[Repair] | None] = _not_running
+        # Said while a kernel started up, before any cell could show it: shown
+        # with the first cell's output.
+        self._held: list[Notice] = []
         try:
             super().__init__(shell=shell, **kwargs)
         except (TraitError, ValueError) as exc:  # ValueError: a bad --DBReset.x=... string
@@ -237,6 +252,11 @@ class DBReset(Magics):
             self._psycopg2_interruptible(False)
 
     def _psycopg2_interruptible(self, on: bool) -> bool:
+        if not on and not self._set_wait_callback:
+            # Nothing of ours to undo: importing psycopg2 (and psycopg2.extras) to
+            # find that out would cost most of the start-up of a psycopg 3 or
+            # SQLite project, and a callback set by someone else stays as it is.
+            return False
         try:
             from ipy_dbreset.drivers.psycopg2 import make_interruptible
         except ImportError:  # psycopg2 is not installed: nothing to make interruptible
@@ -304,9 +324,11 @@ class DBReset(Magics):
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
+        if self._held:
+            self._show_held()
         if self._check_before:
             try:
-                repairs = self._run(False, True)
+                repairs = self._run(False, True, False)
             except RepairFailed as exc:
                 self._failed(exc)
                 return
@@ -324,9 +346,9 @@ class DBReset(Magics):
                 # A cell that raised nothing can only have left a trace in the
                 # driver's and Django's state; the sockets are for the next check.
                 if error is None:
-                    repairs = self._run(False, False)
+                    repairs = self._run(False, False, False)
                 else:
-                    repairs = self._run(isinstance(error, KeyboardInterrupt), True)
+                    repairs = self._run(isinstance(error, KeyboardInterrupt), True, True)
             except RepairFailed as exc:
                 self._failed(exc)
                 return
@@ -340,18 +362,34 @@ class DBReset(Magics):
         self._check_before = running and self.auto_repair and self.check_before_cell
 
     def _failed(self, exc: RepairFailed) -> None:
+        """Say, in one line, what was repaired and which repairs failed."""
         log.warning("ipy_dbreset: repair failed: %s", exc)
-        self._say(Notice(f"could not repair {exc}; run %dbreset", "error"))
+        parts = [r.describe() for r in exc.done]
+        parts += [f"could not repair {f.describe()}" for f in exc.failures]
+        self._say(Notice(f"{'; '.join(parts)}; run %dbreset", "error"))
+        self._report([])
 
     def _report(self, repairs: list[Repair]) -> None:
         if repairs and self.verbosity >= 1:
             self._say(repair_notice(repairs))
         if self.verbosity >= 2 and self.checkup is not None and self.checkup.skipped:
-            busy = ", ".join(f"{alias} (thread {thread})" for alias, thread in self.checkup.skipped)
+            busy = _threads(self.checkup.skipped)
             self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
 
     def _say(self, notice: Notice) -> None:
+        if getattr(self.shell, "kernel", None) is not None and _starting_up(_START_UP_STEPS):
+            # Sent now, it would belong to no cell and no notebook would show it.
+            # A terminal shows it as it is printed.
+            self._held.append(notice)
+            return
         display(notice)
+
+    def _show_held(self) -> None:
+        if _starting_up(_START_UP_STEPS):
+            return  # exec_lines run as cells while the kernel starts: not the user's
+        held, self._held = self._held, []
+        for notice in held:
+            display(notice)
 
     # -- magics --------------------------------------------------------------
 
@@ -382,7 +420,9 @@ class DBReset(Magics):
         Rolls back whatever each connection holds (open atomic blocks, a manual
         transaction) and closes it; the next query opens a fresh connection.
         Connections owned by another thread are reset only while that thread
-        is not using them.  Returns the list of what was reset.
+        is not using them; those left are named.  Returns the list of what was
+        reset, with ``.left`` (alias, thread) of those left and ``.failed``
+        those the database would not let go of (shown even with ``-q``).
 
         Examples
         --------
@@ -396,17 +436,28 @@ class DBReset(Magics):
         aliases = self._aliases(args.aliases) if args.aliases else None
         if self.checkup is None:
             raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
+        failed: list[Failure] = []
         try:
             repairs = self.checkup.reset(aliases)
         except RepairFailed as exc:
-            raise UsageError(f"ipy_dbreset: could not reset {exc}") from None
-        if repairs:
-            notice = repair_notice(repairs)
+            repairs, failed = exc.done, exc.failures
+        left = list(self.checkup.skipped)
+        parts = [r.describe() for r in repairs]
+        parts += [f"could not reset {f.describe()}" for f in failed]
+        if left:
+            parts.append(f"left, in use by their thread: {_threads(left)}")
+        if failed:
+            notice = Notice("; ".join(parts), "error")
+        elif repairs:
+            notice = Notice("; ".join(parts))
+        elif left:
+            notice = Notice("; ".join(parts), "info")
         else:
             which = ", ".join(aliases) if aliases else "any alias"
             notice = Notice(f"nothing to reset: no open connection for {which}", "info")
-        result = ResetResult(repairs, notice)
-        if not args.quiet:
+        result = ResetResult(repairs, notice, left=left, failed=failed)
+        # A failure is said even with -q: the connection is still broken.
+        if not args.quiet or failed:
             self._say(notice)
             result.echoed = True
             self._last_reset = result
@@ -439,7 +490,7 @@ class DBReset(Magics):
             if wanted is not None and wrapper.alias not in wanted:
                 continue
             snap = snapshot(wrapper)
-            last = self.checkup.last.get((wrapper.alias, tracked.thread_name))
+            last = self.checkup.last.get(wrapper)
             rows.append(
                 [
                     snap.alias,
@@ -467,6 +518,11 @@ class DBReset(Magics):
         return Table(columns, rows, "no database connection in use")
 
 
+def _threads(connections: list[tuple[str, str | None]]) -> str:
+    """``default (thread worker_0), other (thread worker_0)``."""
+    return ", ".join(f"{alias} (thread {thread})" for alias, thread in connections)
+
+
 def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
     """Parse a magic's arguments; any bad input is a UsageError that points to the help."""
     try:
@@ -487,11 +543,18 @@ def _loaded(ipython: InteractiveShell) -> DBReset | None:
     return None
 
 
-def _starting_up() -> bool:
-    """Whether the shell is loading its configured extensions (``--ext``, config files)."""
+# The steps of InteractiveShellApp that load extensions and run code at start-up.
+_START_UP_STEPS = ("init_extensions", "init_code")
+
+
+def _starting_up(steps: tuple[str, ...] = ("init_extensions",)) -> bool:
+    """Whether the shell is in one of ``steps`` of its start-up.
+
+    By default: loading its configured extensions (``--ext``, config files).
+    """
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "init_extensions" and "self" in frame.f_locals:
+        if frame.f_code.co_name in steps and "self" in frame.f_locals:
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False

@@ -64,9 +64,10 @@ class Preflight:
     """Installs the look before each query on connection wrappers, and collects what it did."""
 
     def __init__(self) -> None:
-        self.found: deque[Repair] = deque()
-        """What the hooks did or saw, oldest first; appended from any thread, drained
-        by the between-cell check (deque appends and pops are thread-safe)."""
+        self.found: deque[tuple[BaseDatabaseWrapper, Repair]] = deque()
+        """What the hooks did or saw, and to which connection, oldest first; appended
+        from any thread, drained by the between-cell check (deque appends and pops
+        are thread-safe)."""
         # Our hook on each wrapper, so that removal takes exactly ours away.
         self._hooks: weakref.WeakKeyDictionary[BaseDatabaseWrapper, Callable[[], None]] = (
             weakref.WeakKeyDictionary()
@@ -123,7 +124,7 @@ class Preflight:
             self._hooks.clear()
         self.found.clear()
 
-    def drain(self) -> list[Repair]:
+    def drain(self) -> list[tuple[BaseDatabaseWrapper, Repair]]:
         """What the hooks did since the last call, oldest first."""
         done = []
         while self.found:
@@ -131,7 +132,11 @@ class Preflight:
         return done
 
 
-def _look(wrapper: BaseDatabaseWrapper, thread: str | None, found: deque[Repair]) -> None:
+def _look(
+    wrapper: BaseDatabaseWrapper,
+    thread: str | None,
+    found: deque[tuple[BaseDatabaseWrapper, Repair]],
+) -> None:
     """Replace ``wrapper``'s connection if the server closed it and no transaction is open."""
     raw = wrapper.connection
     if raw is None:
@@ -168,4 +173,4 @@ def _look(wrapper: BaseDatabaseWrapper, thread: str | None, found: deque[Repair]
             thread=thread,
         )
         log.warning("ipy_dbreset: %s", repair.describe())
-    found.append(repair)
+    found.append((wrapper, repair))

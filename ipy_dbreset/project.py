@@ -78,9 +78,23 @@ class Setup:
     """The environment variables this setup wrote."""
 
     def describe(self) -> str:
-        text = f"Django set up with {self.settings_module} ({self.source})"
-        if self.environment:
-            text += f"; set {', '.join(self.environment)}"
+        """What was done, as a statement: ``Django set up with mysite.settings (found in
+        /src/mysite/manage.py); DJANGO_SETTINGS_MODULE was set to it``."""
+        source = self.source
+        if source.startswith("from "):  # "from /path/manage.py"
+            source = f"found in {source.removeprefix('from ')}"
+        elif source == SETTINGS_VARIABLE:
+            source = f"from {SETTINGS_VARIABLE}"
+        elif source == "option":
+            source = "from c.DBReset.settings_module"
+        elif source == "configured":
+            source = "its settings were already configured"
+        text = f"Django set up with {self.settings_module} ({source})"
+        for name in self.environment:
+            if name == SETTINGS_VARIABLE:
+                text += f"; {name} was set to it"
+            else:  # only ever a default that manage.py gives
+                text += f"; {name} was set to manage.py's default"
         return text
 
 

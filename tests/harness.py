@@ -98,14 +98,24 @@ def run(shell: InteractiveShell, code: str) -> Cell:
 
 
 class Kernel:
-    """A real ipykernel started in ``cwd`` with ``env``."""
+    """A real ipykernel started in ``cwd`` with ``env``.
 
-    def __init__(self, cwd: Path = DEMO, env: dict[str, str] | None = None) -> None:
+    ``extra_arguments`` are appended to the kernel's command line, as a kernel
+    spec's ``argv`` would have them (``["--ext", "ipy_dbreset"]``).
+    """
+
+    def __init__(
+        self,
+        cwd: Path = DEMO,
+        env: dict[str, str] | None = None,
+        extra_arguments: list[str] | None = None,
+    ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
         full_env.update(env or {})
         full_env.setdefault("PYTHONPATH", str(ROOT))
         self.manager = KernelManager(kernel_name="python3")
         self.manager.kernel_spec.argv[0] = sys.executable
+        self.manager.kernel_spec.argv.extend(extra_arguments or [])
         self.manager.start_kernel(cwd=str(cwd), env=full_env)
         self.client = self.manager.client()
         self.client.start_channels()

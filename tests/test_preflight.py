@@ -271,6 +271,7 @@ def test_unload_takes_the_hook_away_and_reload_puts_one_back(pg_kernel):
     assert pg_kernel.run(MID_CELL).ename == "OperationalError"
     pg_kernel.ok("%load_ext ipy_dbreset")
     pg_kernel.ok("%reload_ext ipy_dbreset")
+    pg_kernel.ok("Order.objects.count()")  # a connection opened since is watched
     assert pg_kernel.ok(HOOKED).value() is True
     assert pg_kernel.ok(MID_CELL).value() == (1, 1)
 
