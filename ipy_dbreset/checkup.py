@@ -73,24 +73,33 @@ class Checkup:
         healthy last time, for a check right after a cell that raised nothing:
         what the server sends meanwhile is the next check's business.
         """
+        if not suspect and self.healthy(listen):
+            return None
+        return self._full_run(suspect)
+
+    def healthy(self, listen: bool = True) -> bool:
+        """Whether every connection healthy last time still is, by the cheap checks alone.
+
+        ``False`` means :meth:`run` has something to look at: a caller that
+        must prepare for a repair (the shell holds back interrupts) does so
+        only then.
+        """
         # The hot path, before and after every cell: each connection that was
         # healthy last time is asked one cheap question by a function built for
         # it.  Any other answer, a new or reconnected connection, a busy one
-        # left for later, or a suspicion, takes the full path below.
-        if not suspect and self._fast_version == self.tracker.version:
-            for wrapper, raw, healthy in self._fast:
-                if wrapper.connection is not raw or wrapper.needs_rollback or not healthy(listen):
-                    break
-            else:
-                for ref, raw, healthy in self._fast_others:
-                    other = ref()  # other threads' connections go with their thread
-                    if other is None or other.connection is not raw:
-                        break
-                    if other.needs_rollback or not healthy(listen):
-                        break
-                else:
-                    return None
-        return self._full_run(suspect)
+        # left for later, or a suspicion, takes the full path.
+        if self._fast_version != self.tracker.version:
+            return False
+        for wrapper, raw, healthy in self._fast:
+            if wrapper.connection is not raw or wrapper.needs_rollback or not healthy(listen):
+                return False
+        for ref, raw, healthy in self._fast_others:
+            other = ref()  # other threads' connections go with their thread
+            if other is None or other.connection is not raw:
+                return False
+            if other.needs_rollback or not healthy(listen):
+                return False
+        return True
 
     def _full_run(self, suspect: bool) -> list[Repair] | None:
         done: list[Repair] = []

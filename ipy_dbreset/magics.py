@@ -19,10 +19,13 @@ Configure it like any IPython extension, with ``%config`` or in
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import signal
 import sys
 import threading
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
@@ -36,7 +39,7 @@ from ipy_dbreset.display import Notice, Table, repair_notice
 
 if TYPE_CHECKING:
     from argparse import Namespace
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
@@ -67,6 +70,58 @@ class ResetResult(list["Repair"]):
 
 def _not_running(suspect: bool, listen: bool) -> None:
     return None
+
+
+def _nothing_to_check(listen: bool) -> bool:
+    return True
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[list[int]]:
+    """Hold back SIGINT (Ctrl-C, the stop button) until the block is done.
+
+    Yields the signals received meanwhile; what they interrupt is the caller's
+    choice, once the block is over.  A second SIGINT is not held back: the user
+    would rather stop a repair that hangs (a network gone silent) than wait.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # Python runs signal handlers in the main thread only
+        return
+
+    def hold(signum: int, frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _StopCell(ast.NodeTransformer):
+    """Turn the next cell into ``raise KeyboardInterrupt`` at its first line.
+
+    How an interrupt held back during the checks before a cell reaches that
+    cell: as if it had arrived before the first statement ran.  Raised from a
+    ``pre_run_cell`` callback it would be reported as the callback's error
+    and the cell would run anyway.
+    """
+
+    def __init__(self) -> None:
+        self.used = False  # one cell only (a cell may run cells of its own)
+
+    def visit(self, node: ast.AST) -> ast.AST:
+        if self.used or not isinstance(node, ast.Module):
+            return node
+        self.used = True
+        stop = ast.Raise(exc=ast.Name(id="KeyboardInterrupt", ctx=ast.Load()), cause=None)
+        if node.body:
+            ast.copy_location(stop, node.body[0])
+        node.body = [stop]
+        return ast.fix_missing_locations(node)
 
 
 @magics_class
@@ -131,8 +186,11 @@ class DBReset(Magics):
         self._set_async_unsafe = False
         self._set_wait_callback = False
         self._last_reset: ResetResult | None = None
+        # Set while an interrupt held back before a cell waits for that cell.
+        self._stop_cell: _StopCell | None = None
         self._check_before = self._check_after = False
         self._run: Callable[[bool, bool], list[Repair] | None] = _not_running
+        self._healthy: Callable[[bool], bool] = _nothing_to_check
         super().__init__(shell=shell, **kwargs)
         self._switches_changed()
 
@@ -156,6 +214,7 @@ class DBReset(Magics):
             tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
         )
         self._run = self.checkup.run
+        self._healthy = self.checkup.healthy
         self._switches_changed()
         if setup.source != "already set up":
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
@@ -171,7 +230,9 @@ class DBReset(Magics):
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
+            self._run, self._healthy = _not_running, _nothing_to_check
             self._switches_changed()
+        self._forget_cell_state()
         if self._set_async_unsafe:
             from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
 
@@ -250,32 +311,67 @@ class DBReset(Magics):
         """Repair what broke between cells, before this cell's first query."""
         if self._check_before:
             try:
-                repairs = self._run(False, True)
-            except RepairFailed as exc:
-                self._failed(exc)
-                return
-            if repairs is not None:
-                self._report(repairs)
+                if not self._healthy(True):
+                    self._check(False, True, before_cell=True)
+            except KeyboardInterrupt:  # the user stopped the cell as it began
+                self._pass_on_interrupt(before_cell=True)
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
         if self._last_reset is not None:
             self._last_reset.echoed = False
             self._last_reset = None
+        if self._stop_cell is not None:
+            self._forget_cell_state()
         if self._check_after:
             error = None if result is None else result.error_in_exec
+            # A cell that raised nothing can only have left a trace in the
+            # driver's and Django's state; the sockets are for the next check.
+            suspect, listen = isinstance(error, KeyboardInterrupt), error is not None
             try:
-                # A cell that raised nothing can only have left a trace in the
-                # driver's and Django's state; the sockets are for the next check.
-                if error is None:
-                    repairs = self._run(False, False)
-                else:
-                    repairs = self._run(isinstance(error, KeyboardInterrupt), True)
+                if suspect or not self._healthy(listen):
+                    self._check(suspect, listen, before_cell=False)
+            except KeyboardInterrupt:  # the cell is over: nothing left to interrupt
+                log.info("ipy_dbreset: interrupt after the cell ignored")
+
+    def _check(self, suspect: bool, listen: bool, *, before_cell: bool) -> None:
+        """Check in full; a repair and its notice are done whole, whatever the user presses."""
+        with _interrupts_held() as interrupts:
+            try:
+                repairs = self._run(suspect, listen)
             except RepairFailed as exc:
                 self._failed(exc)
+            except KeyboardInterrupt:  # pressed twice: the repair may be half done
+                self._say(Notice("interrupted before the repair was done; run %dbreset", "error"))
+            else:
+                if repairs is not None:
+                    self._report(repairs)
+        if interrupts:
+            self._pass_on_interrupt(before_cell=before_cell)
+
+    def _pass_on_interrupt(self, *, before_cell: bool) -> None:
+        """Let an interrupt held back (or caught) in a callback stop what it was meant to."""
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            # Not KeyboardInterrupt: the shell has its own way (ipykernel cancels
+            # a cell with top-level await), which only it knows how to finish.
+            try:
+                handler(signal.SIGINT, None)
                 return
-            if repairs is not None:
-                self._report(repairs)
+            except KeyboardInterrupt:
+                pass
+        if before_cell and self.shell is not None:
+            self._stop_cell = _StopCell()
+            self.shell.ast_transformers.append(self._stop_cell)
+        else:
+            log.info("ipy_dbreset: interrupt after the cell ignored")
+
+    def _forget_cell_state(self) -> None:
+        """Undo what lasts only for one cell (a cell to stop)."""
+        if self._stop_cell is not None:
+            if self.shell is not None and self._stop_cell in self.shell.ast_transformers:
+                self.shell.ast_transformers.remove(self._stop_cell)
+            self._stop_cell = None
 
     @observe("auto_repair", "check_before_cell")
     def _switches_changed(self, change: Bunch | None = None) -> None:
