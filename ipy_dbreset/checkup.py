@@ -193,6 +193,8 @@ class Checkup:
                 except Error as exc:
                     raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
             if result is not None:
+                if result.keep_manual:
+                    self.tracker.when_connected(wrapper, _manual_transactions)
                 self._told.discard(key)
                 self.last[key] = result
                 done.append(result)

@@ -414,3 +414,22 @@ def test_no_output_shows_the_database_password(start_kernel, postgres_url, postg
     everything = "\n".join(cell.shown + "\n".join(cell.htmls) for cell in kernel.cells)
     assert "127.0.0.1" in everything  # %dbstatus did show where it connects
     assert SECRET not in everything
+
+
+# -- %dbreset in a kernel and in a terminal -----------------------------------------
+
+
+@pytest.mark.kernel
+@pytest.mark.postgres
+def test_dbreset_keeps_autocommit_off_and_says_so(start_kernel, postgres_url, postgres_db) -> None:
+    from conftest import pg_admin
+
+    kernel = start_kernel(postgres_url)
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=1)")
+    reset = kernel.ok("%dbreset")
+    assert len(reset.notices) == 1, reset.shown
+    assert "lost" in reset.notices[0] and "autocommit stays off" in reset.notices[0]
+    assert kernel.ok("transaction.get_autocommit()").value() is False
+    kernel.ok("Order.objects.create(number=2); transaction.commit()")
+    rows = pg_admin("select number from shop_order", dbname=postgres_db)
+    assert rows == [(2,)]
