@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from argparse import Namespace
     from collections.abc import Callable, Iterator
 
+    from IPython.core.displayhook import DisplayHook
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
@@ -53,18 +54,17 @@ _EVENTS = ("pre_run_cell", "post_run_cell")
 
 
 class ResetResult(list["Repair"]):
-    """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset."""
+    """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset.
+
+    Shown later (``result`` alone in a cell), it shows the notice; the cell that
+    ran the magic does not show it as its output (see :meth:`DBReset.dbreset`).
+    """
 
     def __init__(self, repairs: list[Repair], notice: Notice) -> None:
         super().__init__(repairs)
         self.notice = notice
-        self.echoed = False
 
     def _ipython_display_(self) -> None:
-        # The magic has shown the notice already; do not show it twice as Out[n].
-        if self.echoed:
-            self.echoed = False
-            return
         display(self.notice)
 
 
@@ -185,7 +185,9 @@ class DBReset(Magics):
         self.checkup: Checkup | None = None
         self._set_async_unsafe = False
         self._set_wait_callback = False
-        self._last_reset: ResetResult | None = None
+        # The displayhook that %dbreset set aside for the rest of its cell (see dbreset).
+        self._displayhook: DisplayHook | None = None
+        self._hidden: list[ResetResult] = []  # what it keeps from showing as Out[n]
         # Set while an interrupt held back before a cell waits for that cell.
         self._stop_cell: _StopCell | None = None
         self._check_before = self._check_after = False
@@ -318,10 +320,7 @@ class DBReset(Magics):
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
-        if self._last_reset is not None:
-            self._last_reset.echoed = False
-            self._last_reset = None
-        if self._stop_cell is not None:
+        if self._displayhook is not None or self._stop_cell is not None:
             self._forget_cell_state()
         if self._check_after:
             error = None if result is None else result.error_in_exec
@@ -367,7 +366,11 @@ class DBReset(Magics):
             log.info("ipy_dbreset: interrupt after the cell ignored")
 
     def _forget_cell_state(self) -> None:
-        """Undo what lasts only for one cell (a cell to stop)."""
+        """Undo what lasts only for one cell (a displayhook set aside, a cell to stop)."""
+        if self._displayhook is not None:
+            if getattr(sys.displayhook, "__self__", None) is self:  # not put back by the cell
+                sys.displayhook = self._displayhook
+            self._displayhook, self._hidden = None, []
         if self._stop_cell is not None:
             if self.shell is not None and self._stop_cell in self.shell.ast_transformers:
                 self.shell.ast_transformers.remove(self._stop_cell)
@@ -448,9 +451,36 @@ class DBReset(Magics):
         result = ResetResult(repairs, notice)
         if not args.quiet:
             self._say(notice)
-            result.echoed = True
-            self._last_reset = result
+        self._not_as_output(result)
         return result
+
+    def _not_as_output(self, result: ResetResult) -> None:
+        """Keep this cell from showing ``result`` as its output if it ends with the magic.
+
+        The notice is said already (or unwanted, ``-q``).  Even a result that
+        displays nothing gets an empty ``Out[n]:`` line in a terminal: the
+        displayhook writes the prompt before it formats.  So, for the rest of
+        the cell, ``sys.displayhook`` skips ``result`` and passes every other
+        value on (the cell's display trap puts the shell's own back after it).
+        """
+        if getattr(sys.displayhook, "__self__", None) is self:
+            self._hidden.append(result)  # another %dbreset in the same cell
+        elif self.shell is not None and sys.displayhook is self.shell.displayhook:
+            # (otherwise not in a cell: there is no Out[n] to keep quiet)
+            self._displayhook, self._hidden = self.shell.displayhook, [result]
+            sys.displayhook = self._display_unless_hidden
+
+    def _display_unless_hidden(self, value: object) -> None:
+        hook = self._displayhook
+        if hook is None:  # the cell is over; only a stray reference calls this
+            sys.__displayhook__(value)
+        elif value is None or not any(value is hidden for hidden in self._hidden):
+            hook(value)
+        elif not hook.quiet():
+            # What DisplayHook.__call__ (IPython 8, 9) does besides showing the
+            # value: _, Out[n] and the cell's result stay as usual.
+            hook.update_user_ns(value)
+            hook.fill_exec_result(value)
 
     @magic_arguments()
     @argument(
