@@ -229,19 +229,30 @@ class DBReset(Magics):
         self._apply_interruptible()
 
     def stop(self) -> None:
+        """Stop watching connections and undo what :meth:`start` changed, saying what."""
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
             self._run, self._healthy = _not_running, _nothing_to_check
             self._switches_changed()
         self._forget_cell_state()
+        undone = []
         if self._set_async_unsafe:
             from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
 
             os.environ.pop(ASYNC_UNSAFE_VARIABLE, None)
             self._set_async_unsafe = False
-        if self._set_wait_callback:
-            self._psycopg2_interruptible(False)
+            undone.append(
+                f"{ASYNC_UNSAFE_VARIABLE} removed, so ORM calls in cells raise "
+                "SynchronousOnlyOperation again"
+            )
+        if self._set_wait_callback and self._psycopg2_interruptible(False):
+            undone.append("psycopg2's wait callback removed: the stop button waits for queries")
+        if undone:
+            # The process is not as it was while loaded: the next ORM call may fail.
+            log.info("ipy_dbreset: unloaded; %s", "; ".join(undone))
+            if self.verbosity >= 1:
+                self._say(Notice(f"unloaded; {'; '.join(undone)}", "info"))
 
     def _psycopg2_interruptible(self, on: bool) -> bool:
         try:
