@@ -300,10 +300,12 @@ def test_stop_button_pressed_just_after_a_cell_starts_on_a_terminated_connection
 ):
     """The stop button 4-8 ms after a cell starts, on a connection the server terminated.
 
-    The interrupt lands wherever it lands (often inside the repair before the
-    cell): whatever the cell did, no traceback comes from the callbacks, a
-    repair that began is told, and the next cell works.  A probe of timing,
-    not of a condition, hence run by hand.
+    The interrupt lands wherever it lands, often inside the repair before the
+    cell.  No traceback may come from the callbacks, a cell that ran or was
+    stopped after a repair began has its notice, and the next cell works.  An
+    interrupt landing in ipykernel outside the cell ("KeyboardInterrupt caught
+    in kernel") leaves the request without a reply: counted, not ours to fix.
+    A probe of timing, not of a condition, hence run by hand.
     """
     kernel = start_kernel(postgres_url)
     outcomes: dict[str, int] = {}
@@ -313,17 +315,20 @@ def test_stop_button_pressed_just_after_a_cell_starts_on_a_terminated_connection
         time.sleep(0.2)  # as in the report; the check before the cell sees it either way
         timer = threading.Timer(random.uniform(0.004, 0.008), kernel.manager.interrupt_kernel)
         timer.start()
-        cell = kernel.run("Order.objects.count()")
-        timer.join()
-        assert_no_callback_error(cell)
-        if cell.ok:
-            outcome = "ran"
+        try:
+            cell = kernel.run("Order.objects.count()", timeout=10)
+        except TimeoutError:
+            outcome = "no reply from ipykernel"
         else:
-            assert cell.ename == "KeyboardInterrupt", cell.shown
-            outcome = "interrupted"
-        outcome += ", told" if cell.notices else ", not told"
-        if cell.ok or cell.notices:
-            assert cell.notices and "closed" in cell.notices[0], cell.shown
+            assert_no_callback_error(cell)
+            if cell.ok:
+                assert cell.notices and "closed" in cell.notices[0], cell.shown
+                outcome = "ran, told"
+            else:
+                assert cell.ename == "KeyboardInterrupt", cell.shown
+                outcome = "interrupted, " + ("told" if cell.notices else "not told")
+        finally:
+            timer.join()
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         assert kernel.ok("Order.objects.count()").value() == 0
     print(outcomes)
