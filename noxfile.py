@@ -10,8 +10,8 @@
                                              # psycopg, psycopg2)
     nox -s django6.1-py3.13-psycopg -- -k shells -x   # arguments after -- go to pytest
 
-Each session installs the project with its ``test`` extra and one Django
-series, then runs the test suite against the real servers (PostgreSQL,
+Each session installs the project with its ``test`` and ``mysql`` extras and
+one Django series, then runs the test suite against the real servers (PostgreSQL,
 MariaDB, SQLite), with ``CI=true`` failing instead of skipping when one is
 missing.  Interpreters come from pyenv (``$PYENV_ROOT/versions/3.X.*``) when
 it has them, else from ``python3.X`` on the ``PATH``; a session whose Python
@@ -22,10 +22,11 @@ uses psycopg 3, and the tests run every PostgreSQL scenario with each driver.
 ``psycopg2`` sessions do not install psycopg 3 at all, so that Django and the
 extension run as in a project that only has psycopg2.  The test fixtures
 themselves (creating databases, terminating backends) use psycopg 3: it is
-installed in a folder that only the pytest process puts on ``sys.path``, never
-the kernels or shells it starts.  These sessions run the tests written for
-psycopg2, the shells (which use whatever driver Django finds) and every test
-that does not need PostgreSQL.
+installed in a folder that only the pytest process puts on ``sys.path``
+(``IPY_DBRESET_TEST_FIXTURE_PATH``, read by ``tests/conftest.py`` after it
+has listed the drivers the project has), never the kernels or shells it
+starts.  These sessions run the whole suite: every PostgreSQL test runs with
+the drivers the project has, here psycopg2 alone.
 
 Django 6.x needs Python 3.12 or newer; Django 4.2 stops at Python 3.12.
 """
@@ -61,17 +62,6 @@ CI = (
     "django4.2-py3.10-psycopg2",
     "django5.2-py3.12-psycopg",
     "django6.1-py3.13-psycopg",
-)
-
-# Selected in psycopg2 sessions: the tests written for psycopg2 (named or parametrized so),
-# the shells, and every test that needs no PostgreSQL (pytest -k also matches marker
-# names).  The other PostgreSQL tests ask the fixtures for psycopg 3 in their kernels.
-PSYCOPG2_TESTS = "psycopg2 or test_shells or not postgres"
-
-# The pytest process alone sees the fixtures' psycopg 3 (argv[1]).
-PYTEST_WITH_FIXTURE_DRIVER = (
-    "import sys; sys.path.append(sys.argv.pop(1)); import pytest; "
-    "raise SystemExit(pytest.main(sys.argv[1:]))"
 )
 
 VERSIONS = """
@@ -117,6 +107,9 @@ def test_requirements(driver: str) -> list[str]:
         # psycopg2-binary is a dependency of the project itself; psycopg 3 is the extra.
         wanted = [e.strip() for e in own.group(1).split(",")]
         wanted = [e for e in wanted if not (driver == "psycopg2" and e == "psycopg")]
+        # The test extra leaves mysqlclient out (it is built from source); the
+        # MySQL tests must run here, CI=true fails them when it is missing.
+        wanted.append("mysql")
         project = ["-e", f".[{','.join(wanted)}]"]
     return [*project, *others]
 
@@ -131,9 +124,14 @@ def run_tests(session: nox.Session, django: str, driver: str) -> None:
     session.run("python", "-c", NO_PSYCOPG_3)
     fixtures = Path(session.create_tmp()) / "fixture-driver"
     session.install("--target", str(fixtures), "--upgrade", "psycopg[binary]")
-    if not session.posargs:
-        pytest_args += ["-k", PSYCOPG2_TESTS]
-    session.run("python", "-c", PYTEST_WITH_FIXTURE_DRIVER, str(fixtures), *pytest_args)
+    # The pytest process alone sees the fixtures' psycopg 3 (tests/conftest.py).
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        *pytest_args,
+        env={"IPY_DBRESET_TEST_FIXTURE_PATH": str(fixtures)},
+    )
 
 
 def define(django: str, python: str, driver: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.db import Error
@@ -32,8 +33,37 @@ def _manual_transactions(wrapper: BaseDatabaseWrapper) -> None:
     wrapper.set_autocommit(False)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A connection whose repair (or reset) itself failed, and the database's error."""
+
+    alias: str
+    thread: str | None
+    error: str
+
+    def describe(self) -> str:
+        where = self.alias if self.thread is None else f"{self.alias} (thread {self.thread})"
+        return f"{where}: {self.error}"
+
+
 class RepairFailed(Exception):
-    """A repair itself failed (the database refused even a rollback or close)."""
+    """Some repairs (or resets) failed; every other connection was still seen to.
+
+    Raised at the end of a run, so that one connection the database refuses
+    to roll back or close does not keep the others broken.
+    """
+
+    def __init__(self, failures: list[Failure], done: list[Repair]) -> None:
+        super().__init__("; ".join(f.describe() for f in failures))
+        self.failures = failures
+        """One per connection whose repair failed."""
+        self.done = done
+        """What was repaired (or reset) all the same."""
+
+
+def _error(exc: Error) -> str:
+    """The error on one line (libpq's messages span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 class Checkup:
@@ -51,10 +81,14 @@ class Checkup:
     def __init__(self, tracker: ConnectionTracker, *, leave_manual_transactions: bool = False):
         self.tracker = tracker
         self.leave_manual_transactions = leave_manual_transactions
-        self.last: dict[tuple[str, str | None], Repair] = {}
+        self.last: weakref.WeakKeyDictionary[BaseDatabaseWrapper, Repair] = (
+            weakref.WeakKeyDictionary()
+        )
+        """The last repair or reset of each connection (not of its alias: a thread
+        can hold more than one wrapper of an alias, and one of them may not be in use)."""
         self._told: set[tuple[str, str | None]] = set()
         self.skipped: list[tuple[str, str | None]] = []
-        """Connections the last run left alone because their thread was using them."""
+        """Connections the last run (or reset) left alone because their thread was using them."""
         # The shell thread's connections live as long as the shell: kept as they
         # are.  Other threads' are kept by weak reference.
         self._fast: list[tuple[BaseDatabaseWrapper, Any, FastCheck]] = []
@@ -103,6 +137,7 @@ class Checkup:
 
     def _full_run(self, suspect: bool) -> list[Repair] | None:
         done: list[Repair] = []
+        failed: list[Failure] = []
         fast: list[tuple[BaseDatabaseWrapper, Any, FastCheck]] = []
         fast_others: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
         version = self.tracker.version
@@ -115,7 +150,7 @@ class Checkup:
             verdict = judge(wrapper, suspect=suspect)
             if verdict is not None:
                 clean = False
-                self._fix(wrapper, None, verdict, done)
+                self._fix(wrapper, None, verdict, done, failed)
             else:
                 self._told.discard((wrapper.alias, None))
                 raw = wrapper.connection
@@ -138,7 +173,7 @@ class Checkup:
                     verdict = judge(wrapper)
                     if verdict is not None:
                         clean = False
-                        self._fix(wrapper, tracked.thread_name, verdict, done)
+                        self._fix(wrapper, tracked.thread_name, verdict, done, failed)
                     else:
                         # Reading its state later without the lock is safe: a
                         # busy socket only sends us back here, to the lock.
@@ -150,10 +185,17 @@ class Checkup:
         # thread must be judged in full again next time.
         self._fast, self._fast_others = fast, fast_others
         self._fast_version = version if clean else -1
+        if failed:
+            raise RepairFailed(failed, done)
         return None if clean else done
 
     def _fix(
-        self, wrapper: BaseDatabaseWrapper, thread: str | None, verdict: Verdict, done: list[Repair]
+        self,
+        wrapper: BaseDatabaseWrapper,
+        thread: str | None,
+        verdict: Verdict,
+        done: list[Repair],
+        failed: list[Failure],
     ) -> None:
         key = (wrapper.alias, thread)
         leave = self.leave_manual_transactions and verdict.problem is Problem.ABORTED
@@ -167,18 +209,27 @@ class Checkup:
                 leave_manual_transactions=self.leave_manual_transactions,
             )
         except Error as exc:
-            raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
+            log.warning("ipy_dbreset: could not repair %s in thread %s", *key, exc_info=True)
+            failed.append(Failure(*key, _error(exc)))
+            return
         if result.keep_manual:
             self.tracker.when_connected(wrapper, _manual_transactions)
         if leave:
             self._told.add(key)
-        self.last[key] = result
+        self.last[wrapper] = result
         done.append(result)
 
     def reset(self, aliases: Iterable[str] | None = None) -> list[Repair]:
-        """Roll back and close the connections of ``aliases`` (default: all in use)."""
+        """Roll back and close the connections of ``aliases`` (default: all in use).
+
+        Those whose thread is using them are left, in :attr:`skipped`; if some
+        could not be reset, :class:`RepairFailed` is raised once all the
+        others were.
+        """
         wanted = None if aliases is None else set(aliases)
         done: list[Repair] = []
+        failed: list[Failure] = []
+        self.skipped = []
         for tracked in self.tracker:
             wrapper = tracked.wrapper
             if wanted is not None and wrapper.alias not in wanted:
@@ -187,17 +238,22 @@ class Checkup:
             with self.tracker.hold(tracked) as hold:
                 if not hold.free:
                     log.info("ipy_dbreset: %s in thread %s is in use; not reset", *key)
+                    self.skipped.append(key)
                     continue
                 try:
                     result = reset(wrapper, thread=tracked.thread_name)
                 except Error as exc:
-                    raise RepairFailed(f"{key[0]}: {type(exc).__name__}: {exc}") from exc
+                    log.warning("ipy_dbreset: could not reset %s in thread %s", *key, exc_info=True)
+                    failed.append(Failure(*key, _error(exc)))
+                    continue
             if result is not None:
                 if result.keep_manual:
                     self.tracker.when_connected(wrapper, _manual_transactions)
                 self._told.discard(key)
-                self.last[key] = result
+                self.last[wrapper] = result
                 done.append(result)
+        if failed:
+            raise RepairFailed(failed, done)
         return done
 
     def tracked(self) -> list[Tracked]:

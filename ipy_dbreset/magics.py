@@ -3,7 +3,8 @@
 A short session::
 
     In [1]: %load_ext ipy_dbreset
-    ipy_dbreset: Django set up with shop.settings (from /src/shop/manage.py)
+    ipy_dbreset: Django set up with shop.settings (found in /src/shop/manage.py);
+    DJANGO_SETTINGS_MODULE was set to it
     In [2]: Order.objects.create(number=1)   # IntegrityError: the cell fails ...
     ipy_dbreset: default: rolled back (the transaction was aborted by an error: ...)
     In [3]: Order.objects.count()            # ... and the next one works
@@ -25,14 +26,15 @@ import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Bool, Enum, Int, Unicode, observe
+from traitlets import Bool, Enum, Int, TraitError, TraitType, Unicode, observe
+from traitlets.config.loader import DeferredConfig
 
 from ipy_dbreset.checkup import RepairFailed
 from ipy_dbreset.display import Notice, Table, repair_notice
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
-    from ipy_dbreset.checkup import Checkup
+    from ipy_dbreset.checkup import Checkup, Failure
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,20 @@ class ResetResult(list["Repair"]):
     ran the magic does not show it as its output (see :meth:`DBReset.dbreset`).
     """
 
-    def __init__(self, repairs: list[Repair], notice: Notice) -> None:
+    def __init__(
+        self,
+        repairs: list[Repair],
+        notice: Notice,
+        *,
+        left: list[tuple[str, str | None]] | None = None,
+        failed: list[Failure] | None = None,
+    ) -> None:
         super().__init__(repairs)
         self.notice = notice
+        self.left = left or []
+        """(alias, thread) of the connections left alone because their thread was using them."""
+        self.failed = failed or []
+        """The connections that could not be reset, with the database's error."""
 
     def _ipython_display_(self) -> None:
         display(self.notice)
@@ -124,6 +137,30 @@ class _StopCell(ast.NodeTransformer):
         return ast.fix_missing_locations(node)
 
 
+class _Verbosity(Int):  # type: ignore[type-arg]
+    """0, 1 or 2; a bad value's error lists them (Int's bounds error names only one)."""
+
+    info_text = "0, 1 or 2"
+
+    def validate(self, obj: Any, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2:
+            self.error(obj, value)
+        return value
+
+
+class BadOption(ValueError):
+    """A configured value that the option does not accept; the message names both."""
+
+
+def _allowed(trait: TraitType[Any, Any]) -> str:
+    if isinstance(trait, Bool):
+        return "True or False"
+    if isinstance(trait, Enum):
+        *first, last = map(repr, trait.values or ())
+        return f"{', '.join(first)} or {last}" if first else last
+    return trait.info()
+
+
 @magics_class
 class DBReset(Magics):
     """Repair broken Django database connections between cells."""
@@ -172,7 +209,7 @@ class DBReset(Magics):
             "DJANGO_SETTINGS_MODULE and manage.py."
         ),
     ).tag(config=True)
-    verbosity = Int(
+    verbosity = _Verbosity(
         1,
         help=(
             "0: say nothing (use logging), 1: one line per repair, 2: also setup details "
@@ -193,8 +230,41 @@ class DBReset(Magics):
         self._check_before = self._check_after = False
         self._run: Callable[[bool, bool], list[Repair] | None] = _not_running
         self._healthy: Callable[[bool], bool] = _nothing_to_check
-        super().__init__(shell=shell, **kwargs)
+        # Said while a kernel started up, before any cell could show it: shown
+        # with the first cell's output.
+        self._held: list[Notice] = []
+        try:
+            super().__init__(shell=shell, **kwargs)
+        except (TraitError, ValueError) as exc:  # ValueError: a bad --DBReset.x=... string
+            # Magics.__init__ put us in shell.configurables before the config was
+            # read: leave, or the next %load_ext would find us and register nothing.
+            if shell is not None:
+                with suppress(ValueError):
+                    shell.configurables.remove(self)  # type: ignore[arg-type]
+            raise BadOption(self._bad_option(shell, exc)) from None
         self._switches_changed()
+
+    def _bad_option(self, shell: InteractiveShell | None, exc: Exception) -> str:
+        """``c.DBReset.verbosity = 'x' is not valid: expected 0, 1 or 2``."""
+        config = getattr(shell, "config", None)
+        section = config.get(type(self).__name__, {}) if config is not None else {}
+        traits = self.traits(config=True)
+        for name, raw in section.items():
+            trait = traits.get(name)
+            if trait is None:
+                continue
+            shown = str(raw) if isinstance(raw, DeferredConfig) else raw  # --DBReset.x=...
+            try:
+                # On this instance, which is being thrown away: its traits are
+                # still the defaults, and its observers see no checkup to act on.
+                value = raw.get_value(trait) if isinstance(raw, DeferredConfig) else raw
+                setattr(self, name, value)
+            except (TraitError, ValueError):
+                return (
+                    f"c.{type(self).__name__}.{name} = {shown!r} is not valid: "
+                    f"expected {_allowed(trait)}"
+                )
+        return f"{type(self).__name__} configuration is not valid: {str(exc).splitlines()[0]}"
 
     # -- life cycle ----------------------------------------------------------
 
@@ -322,6 +392,8 @@ class DBReset(Magics):
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
+        if self._held:
+            self._show_held()
         if self._check_before:
             try:
                 if not self._healthy(True):
@@ -394,18 +466,34 @@ class DBReset(Magics):
         self._check_before = running and self.auto_repair and self.check_before_cell
 
     def _failed(self, exc: RepairFailed) -> None:
+        """Say, in one line, what was repaired and which repairs failed."""
         log.warning("ipy_dbreset: repair failed: %s", exc)
-        self._say(Notice(f"could not repair {exc}; run %dbreset", "error"))
+        parts = [r.describe() for r in exc.done]
+        parts += [f"could not repair {f.describe()}" for f in exc.failures]
+        self._say(Notice(f"{'; '.join(parts)}; run %dbreset", "error"))
+        self._report([])
 
     def _report(self, repairs: list[Repair]) -> None:
         if repairs and self.verbosity >= 1:
             self._say(repair_notice(repairs))
         if self.verbosity >= 2 and self.checkup is not None and self.checkup.skipped:
-            busy = ", ".join(f"{alias} (thread {thread})" for alias, thread in self.checkup.skipped)
+            busy = _threads(self.checkup.skipped)
             self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
 
     def _say(self, notice: Notice) -> None:
+        if getattr(self.shell, "kernel", None) is not None and _starting_up(_START_UP_STEPS):
+            # Sent now, it would belong to no cell and no notebook would show it.
+            # A terminal shows it as it is printed.
+            self._held.append(notice)
+            return
         display(notice)
+
+    def _show_held(self) -> None:
+        if _starting_up(_START_UP_STEPS):
+            return  # exec_lines run as cells while the kernel starts: not the user's
+        held, self._held = self._held, []
+        for notice in held:
+            display(notice)
 
     # -- magics --------------------------------------------------------------
 
@@ -436,7 +524,9 @@ class DBReset(Magics):
         Rolls back whatever each connection holds (open atomic blocks, a manual
         transaction) and closes it; the next query opens a fresh connection.
         Connections owned by another thread are reset only while that thread
-        is not using them.  Returns the list of what was reset.
+        is not using them; those left are named.  Returns the list of what was
+        reset, with ``.left`` (alias, thread) of those left and ``.failed``
+        those the database would not let go of (shown even with ``-q``).
 
         Examples
         --------
@@ -450,17 +540,28 @@ class DBReset(Magics):
         aliases = self._aliases(args.aliases) if args.aliases else None
         if self.checkup is None:
             raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
+        failed: list[Failure] = []
         try:
             repairs = self.checkup.reset(aliases)
         except RepairFailed as exc:
-            raise UsageError(f"ipy_dbreset: could not reset {exc}") from None
-        if repairs:
-            notice = repair_notice(repairs)
+            repairs, failed = exc.done, exc.failures
+        left = list(self.checkup.skipped)
+        parts = [r.describe() for r in repairs]
+        parts += [f"could not reset {f.describe()}" for f in failed]
+        if left:
+            parts.append(f"left, in use by their thread: {_threads(left)}")
+        if failed:
+            notice = Notice("; ".join(parts), "error")
+        elif repairs:
+            notice = Notice("; ".join(parts))
+        elif left:
+            notice = Notice("; ".join(parts), "info")
         else:
             which = ", ".join(aliases) if aliases else "any alias"
             notice = Notice(f"nothing to reset: no open connection for {which}", "info")
-        result = ResetResult(repairs, notice)
-        if not args.quiet:
+        result = ResetResult(repairs, notice, left=left, failed=failed)
+        # A failure is said even with -q: the connection is still broken.
+        if not args.quiet or failed:
             self._say(notice)
         self._not_as_output(result)
         return result
@@ -520,7 +621,7 @@ class DBReset(Magics):
             if wanted is not None and wrapper.alias not in wanted:
                 continue
             snap = snapshot(wrapper)
-            last = self.checkup.last.get((wrapper.alias, tracked.thread_name))
+            last = self.checkup.last.get(wrapper)
             rows.append(
                 [
                     snap.alias,
@@ -548,6 +649,11 @@ class DBReset(Magics):
         return Table(columns, rows, "no database connection in use")
 
 
+def _threads(connections: list[tuple[str, str | None]]) -> str:
+    """``default (thread worker_0), other (thread worker_0)``."""
+    return ", ".join(f"{alias} (thread {thread})" for alias, thread in connections)
+
+
 def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
     """Parse a magic's arguments; any bad input is a UsageError that points to the help."""
     try:
@@ -568,11 +674,18 @@ def _loaded(ipython: InteractiveShell) -> DBReset | None:
     return None
 
 
-def _starting_up() -> bool:
-    """Whether the shell is loading its configured extensions (``--ext``, config files)."""
+# The steps of InteractiveShellApp that load extensions and run code at start-up.
+_START_UP_STEPS = ("init_extensions", "init_code")
+
+
+def _starting_up(steps: tuple[str, ...] = ("init_extensions",)) -> bool:
+    """Whether the shell is in one of ``steps`` of its start-up.
+
+    By default: loading its configured extensions (``--ext``, config files).
+    """
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "init_extensions" and "self" in frame.f_locals:
+        if frame.f_code.co_name in steps and "self" in frame.f_locals:
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False
@@ -582,7 +695,20 @@ def load(ipython: InteractiveShell) -> None:
     """Register everything, or nothing if Django cannot be set up."""
     if _loaded(ipython) is not None:
         return
-    magics = DBReset(shell=ipython)
+    try:
+        magics = DBReset(shell=ipython)
+    except BadOption as exc:
+        if _starting_up():
+            # Nothing is registered, but IPython counts the extension as loaded.
+            print(
+                f"ipy_dbreset: {exc}; fix it with %config, then %reload_ext ipy_dbreset",
+                file=sys.stderr,
+            )
+            return
+        raise UsageError(
+            f"ipy_dbreset: {exc}; fix it in ipython_config.py or with %config, "
+            "then %load_ext ipy_dbreset"
+        ) from None
     try:
         magics.start()
     except BaseException as exc:

@@ -5,26 +5,57 @@ its own with ``connections.all(initialized_only=True)``; connections of other
 threads (the async ORM's executor thread in Jupyter, worker threads) are only
 seen when they are created, through Django's ``connection_created`` signal.
 
+Within one thread, Django's connections are not plain thread-locals either:
+its connection handler keeps them in an asgiref ``Local``, which, while an
+event loop runs, is a context variable.  A Jupyter kernel loads its start-up
+extensions before its loop runs and runs every cell inside the loop, in one
+context, so a connection created at start-up (Django's setup makes one while
+building models) is never the one a cell gets.  The shell thread's
+connections are therefore the ones reachable from the caller's context (a
+cell's, or a callback's around it), and only once they have connected.
+
 A connection owned by another thread is touched only when that thread cannot
-be using it: the thread has ended, or it holds no transaction and is not
-running a query.  The latter is made race-free by a lock that an
-``execute_wrapper`` holds around each of that connection's queries.
+be using it: the thread has ended, or it is not running a query (a lock that
+an ``execute_wrapper`` holds around each of that connection's queries makes
+this race-free).  A connection that holds a transaction (an atomic block, or
+autocommit off) is touched only if its thread, besides, runs none of its own
+code: it has ended, or it is a pool worker waiting for its next job, as the
+async ORM's thread (asgiref's single-thread executor) does between cells.  A
+thread that is running code between two queries of its transaction would
+carry on with its atomic blocks unwound under it, its next writes
+autocommitted; only it may end that transaction.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
+from concurrent.futures import thread as futures_thread
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.db import connections
 from django.db.backends.signals import connection_created
+from django.utils.connection import ConnectionDoesNotExist
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from django.db.backends.base.base import BaseDatabaseWrapper
+
+
+# The loop a ``ThreadPoolExecutor`` worker waits for jobs in (Python 3.10 to
+# 3.14).  It waits on a queue written in C, so while it waits this loop is the
+# thread's innermost Python frame.  Should a Python version rename it, no
+# worker counts as waiting, and their transactions are left alone as before.
+_POOL_WORKER_LOOP = getattr(getattr(futures_thread, "_worker", None), "__code__", None)
+
+
+def _waiting_for_work(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is a pool worker waiting for a job, running none of its own code."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and frame.f_code is _POOL_WORKER_LOOP
 
 
 @dataclass(frozen=True)
@@ -52,6 +83,22 @@ class _Guard:
             return execute(sql, params, many, context)
 
 
+def _reached(wrapper: BaseDatabaseWrapper, current: dict[str, BaseDatabaseWrapper]) -> bool:
+    """Whether ``connections[wrapper.alias]`` is ``wrapper`` in the caller's context.
+
+    ``current`` is what the context holds of the aliases ``DATABASES`` names;
+    nothing is created to find out.
+    """
+    if wrapper.alias in current:
+        return current[wrapper.alias] is wrapper
+    if wrapper.alias in connections.settings:
+        return False  # this context holds none of that alias
+    try:  # an alias DATABASES does not name, put in place by hand: finding it creates nothing
+        return connections[wrapper.alias] is wrapper
+    except ConnectionDoesNotExist:
+        return False
+
+
 class ConnectionTracker:
     """Every Django connection of this process that is known to be in use.
 
@@ -76,9 +123,12 @@ class ConnectionTracker:
         ] = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
-        """Watch new connections; adopt the home thread's existing ones."""
+        """Watch new connections; adopt the home thread's open ones."""
         connection_created.connect(self._created, weak=False, dispatch_uid=self._uid)
-        self._home.update(connections.all(initialized_only=True))
+        # A wrapper that never connected is not in use (Django's setup creates
+        # one, unconnected); it is adopted by the signal if it ever connects.
+        opened = [w for w in connections.all(initialized_only=True) if w.connection is not None]
+        self._home.update(opened)
         self.version += 1
 
     def stop(self) -> None:
@@ -113,13 +163,18 @@ class ConnectionTracker:
                 self._others[connection] = (thread, guard)
 
     @property
-    def home(self) -> weakref.WeakSet[BaseDatabaseWrapper]:
-        """The home thread's connections that have connected at least once.
+    def home(self) -> list[BaseDatabaseWrapper]:
+        """The home thread's connections that have connected at least once, and
+        that the caller's context reaches.
 
-        Kept from the signal: listing them with ``connections.all()`` before
-        every cell would cost more than judging them.
+        Known from the signal; ``connections.all()`` only tells which of them
+        the caller's context can still reach (in a kernel, one connected while
+        the kernel started up cannot be reached by any cell).
         """
-        return self._home
+        if not self._home:
+            return []
+        current = {w.alias: w for w in connections.all(initialized_only=True)}
+        return [w for w in self._home if _reached(w, current)]
 
     def has_others(self) -> bool:
         return bool(self._others)
@@ -134,7 +189,7 @@ class ConnectionTracker:
 
         Only valid when called from the home thread.
         """
-        for wrapper in self._home:
+        for wrapper in self.home:
             yield Tracked(wrapper, None)
         yield from self.others()
 
@@ -143,28 +198,42 @@ class ConnectionTracker:
         if tracked.thread is None or not tracked.thread.is_alive():
             return _Hold(None)
         _, guard = self._others[tracked.wrapper]
-        return _Hold(guard.lock, tracked.wrapper)
+        return _Hold(guard.lock, tracked.wrapper, tracked.thread)
 
 
 class _Hold:
     """Holds another thread's connection still while it is repaired."""
 
-    def __init__(self, lock: threading.RLock | None, wrapper: BaseDatabaseWrapper | None = None):
-        self._lock = lock
+    def __init__(
+        self,
+        lock: threading.RLock | None,
+        wrapper: BaseDatabaseWrapper | None = None,
+        thread: threading.Thread | None = None,
+    ):
+        self._lock = lock  # the owner's query guard; None: nothing to wait for
         self._wrapper = wrapper
+        self._thread = thread
+        self._held = False  # whether we hold the lock, to release it on exit
         self.free = True
+        """Whether the connection may be judged and repaired."""
 
     def __enter__(self) -> _Hold:
-        if self._lock is None or self._wrapper is None:
+        if self._lock is None or self._wrapper is None or self._thread is None:
             return self
-        # Between queries, the owner may still be in the middle of its own
-        # transaction: then only the owner may end it.
-        if self._wrapper.in_atomic_block or not self._wrapper.autocommit:
-            self.free = False
-            return self
-        self.free = self._lock.acquire(blocking=False)
+        self._held = self._lock.acquire(blocking=False)  # no query of its is running
+        if (
+            self._held
+            and (self._wrapper.in_atomic_block or not self._wrapper.autocommit)
+            and not _waiting_for_work(self._thread)
+        ):
+            # Its thread is somewhere between two queries of its transaction:
+            # only that thread may end it.
+            self._lock.release()
+            self._held = False
+        self.free = self._held
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._lock is not None and self.free and self._wrapper is not None:
+        if self._held and self._lock is not None:
+            self._held = False
             self._lock.release()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -39,9 +40,25 @@ def kernel_env(db_url: str, scratch: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
     env["IPY_DBRESET_DEMO_DB"] = db_url
     env["IPY_DBRESET_DEMO_OTHER"] = str(scratch / "other.sqlite3")
-    # Works from a checkout even before `pip install -e .`.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if not importable(env):
+        # Not installed: the kernel imports it from this checkout.  When it is
+        # installed (editable, or a built wheel), the kernel uses that one.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+FIND = "import importlib.util, sys; sys.exit(importlib.util.find_spec('ipy_dbreset') is None)"
+
+
+def importable(env: dict[str, str]) -> bool:
+    """Whether a kernel started here with ``env`` finds ipy_dbreset installed.
+
+    Asked of a new interpreter in the demo folder, as the kernel will be
+    started: this process may have the checkout on ``sys.path`` (pytest, ``-m``)
+    where the kernel would not.
+    """
+    probe = subprocess.run([sys.executable, "-c", FIND], cwd=HERE, env=env, check=False)
+    return probe.returncode == 0
 
 
 def execute(

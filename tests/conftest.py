@@ -2,23 +2,38 @@
 
 Tests that need a server skip when it is not reachable, saying why, except
 under CI (``CI=true``), where they fail: a green CI must mean they ran.
+
+Tests wait for conditions (the server no longer lists a session, a query is
+running), never for a fixed time: the helpers here poll with a deadline.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+import time
 import uuid
 from typing import TYPE_CHECKING
 
 import pytest
 
-from harness import DEMO, ROOT, Kernel
+from harness import DEMO, ROOT, Kernel, run
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+# The PostgreSQL drivers the project has, hence Django's kernels and shells:
+# psycopg 3 is optional (psycopg2 is a dependency).  Decided before the
+# fixtures' own copy of psycopg 3 (psycopg2-only nox sessions) joins sys.path,
+# which only this process sees.
+DRIVERS = tuple(name for name in ("psycopg", "psycopg2") if importlib.util.find_spec(name))
+if os.environ.get("IPY_DBRESET_TEST_FIXTURE_PATH"):
+    sys.path.append(os.environ["IPY_DBRESET_TEST_FIXTURE_PATH"])
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 PG_HOST = os.environ.get("IPY_DBRESET_TEST_PG_HOST", "127.0.0.1")
@@ -85,6 +100,42 @@ def postgres_url(postgres_db: str) -> Iterator[str]:
     yield postgres_url_for(postgres_db)
 
 
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 10) -> None:
+    """Poll ``condition`` until it is true; fail saying ``what`` did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not so after {timeout}s"
+        time.sleep(0.02)
+
+
+def pg_sessions(dbname: str) -> list[tuple]:
+    """``(pid, state, query)`` of every client session on ``dbname`` but our own."""
+    return pg_admin(
+        "select pid, state, query from pg_stat_activity where datname = %s "
+        "and backend_type = 'client backend' and pid <> pg_backend_pid()",
+        (dbname,),
+    )
+
+
+def wait_until_disconnected(dbname: str, timeout: float = 10) -> None:
+    """Wait until the server has closed every session on ``dbname``."""
+    wait_for(lambda: not pg_sessions(dbname), f"every session on {dbname} closed", timeout)
+
+
+def wait_until_running(dbname: str, query: str, timeout: float = 10) -> int:
+    """Wait until a session on ``dbname`` is running ``query``; return its pid."""
+    found: list[int] = []
+
+    def running() -> bool:
+        found[:] = [
+            pid for pid, state, text in pg_sessions(dbname) if state == "active" and text == query
+        ]
+        return bool(found)
+
+    wait_for(running, f"{query!r} running on {dbname}", timeout)
+    return found[0]
+
+
 def terminate_backends(dbname: str) -> int:
     """``pg_terminate_backend`` every connection to ``dbname`` (as a DBA would)."""
     rows = pg_admin(
@@ -119,6 +170,12 @@ def mysql_admin(sql: str, params: tuple[object, ...] = (), db: str | None = None
 def mysql_db() -> Iterator[str]:
     """A fresh, migrated MariaDB database for this test session; yields its name."""
     try:
+        import MySQLdb  # noqa: F401
+    except ImportError as exc:
+        # mysqlclient is built from source (compiler, libmariadb-dev): the test
+        # extra leaves it out, the mysql and dev extras bring it.
+        unavailable(f'mysqlclient is not installed (pip install -e ".[test,mysql]"): {exc}')
+    try:
         mysql_admin("select 1")
     except Exception as exc:
         unavailable(f"MariaDB/MySQL not reachable at {MYSQL_HOST}:{MYSQL_PORT}: {exc}")
@@ -129,6 +186,16 @@ def mysql_db() -> Iterator[str]:
         yield name
     finally:
         mysql_admin(f"drop database if exists `{name}`")
+
+
+def mysql_threads() -> set[int]:
+    """The ids of every connection the MariaDB/MySQL server lists."""
+    return {int(row[0]) for row in mysql_admin("select ID from information_schema.PROCESSLIST")}
+
+
+def wait_until_mysql_gone(thread: int, timeout: float = 10) -> None:
+    """Wait until the server no longer lists connection ``thread``."""
+    wait_for(lambda: thread not in mysql_threads(), f"MySQL connection {thread} gone", timeout)
 
 
 def mysql_url_for(name: str) -> str:
@@ -153,16 +220,16 @@ def sqlite_url(tmp_path: Path) -> str:
 
 # -- kernels --------------------------------------------------------------------
 
-DRIVERS = ("psycopg", "psycopg2")
 HIDE_PSYCOPG = "import sys; sys.modules['psycopg'] = None  # Django falls back to psycopg2"
 
 
 @pytest.fixture
 def start_kernel(tmp_path: Path) -> Iterator[Callable[..., Kernel]]:
-    """Start real kernels: ``start_kernel(url, driver="psycopg", cwd=DEMO, env={}, load=True)``.
+    """Start real kernels: ``start_kernel(url, driver=None, cwd=DEMO, env={}, load=True)``.
 
     The kernel runs in the demo project (``notebooks/``) with ``url`` as its
-    database.  With ``driver="psycopg2"`` psycopg 3 is hidden first, so Django
+    database.  Django uses the first of :data:`DRIVERS` unless ``driver`` says
+    which; with ``driver="psycopg2"`` psycopg 3 is hidden first, so Django
     uses psycopg2.  With ``load=True`` the extension is loaded and ``Order``,
     ``connection`` and ``transaction`` are imported.
     """
@@ -170,7 +237,7 @@ def start_kernel(tmp_path: Path) -> Iterator[Callable[..., Kernel]]:
 
     def start(
         url: str,
-        driver: str = "psycopg",
+        driver: str | None = None,
         cwd: Path = DEMO,
         env: dict[str, str] | None = None,
         load: bool = True,
@@ -180,6 +247,7 @@ def start_kernel(tmp_path: Path) -> Iterator[Callable[..., Kernel]]:
             "IPY_DBRESET_DEMO_OTHER": str(tmp_path / "other.sqlite3"),
             **(env or {}),
         }
+        driver = driver or DRIVERS[0]
         kernel = Kernel(cwd=cwd, env=full_env)
         kernels.append(kernel)
         if driver == "psycopg2":
@@ -200,3 +268,81 @@ def start_kernel(tmp_path: Path) -> Iterator[Callable[..., Kernel]]:
     yield start
     for kernel in kernels:
         kernel.close()
+
+
+# -- IPython's test shell and the demo project, in this process ----------------------
+# django.setup() happens once per process: every test that needs Django in the
+# pytest process itself shares this one (the demo project on SQLite files).
+
+
+@pytest.fixture(scope="session")
+def demo_django(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Django set up once in this process: the demo project on fresh SQLite files."""
+    import django
+    from django.apps import apps
+    from django.core.management import call_command
+
+    if apps.ready:
+        if not apps.is_installed("shop"):
+            pytest.skip("Django was set up in this process with another project")
+        return
+    folder = tmp_path_factory.mktemp("demo-db")
+    chosen = {
+        "DJANGO_SETTINGS_MODULE": "demo.settings",
+        "IPY_DBRESET_DEMO_DB": f"sqlite:///{folder / 'db.sqlite3'}",
+        "IPY_DBRESET_DEMO_OTHER": str(folder / "other.sqlite3"),
+    }
+    saved = {name: os.environ.get(name) for name in chosen}
+    os.environ.update(chosen)
+    for folder in (ROOT, DEMO):  # the package (when not installed) and the demo's apps
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    try:
+        django.setup()
+        call_command("migrate", verbosity=0)
+    finally:
+        # Settings are read by now; leave the environment as other tests expect it.
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def release_connections() -> None:
+    """Put every connection of this thread back to closed and idle, whatever a test did."""
+    from django.db import connections
+
+    for wrapper in connections.all(initialized_only=True):
+        wrapper.atomic_blocks.clear()
+        wrapper.savepoint_ids.clear()
+        wrapper.in_atomic_block = False
+        wrapper.needs_rollback = False
+        wrapper.closed_in_transaction = False
+        wrapper.close()  # SQLite rolls back what was not committed
+
+
+@pytest.fixture
+def bare_shell(demo_django: None) -> Iterator[InteractiveShell]:
+    """IPython's test shell without the extension; unloaded and cleaned up afterwards."""
+    from IPython.testing import globalipapp
+
+    globalipapp.start_ipython()
+    shell = globalipapp.get_ipython()
+    release_connections()
+    yield shell
+    if "ipy_dbreset" in shell.extension_manager.loaded:
+        shell.run_line_magic("unload_ext", "ipy_dbreset")
+    shell.config.pop("DBReset", None)  # %config writes through to the shell's config
+    release_connections()
+
+
+@pytest.fixture
+def shell(bare_shell: InteractiveShell) -> InteractiveShell:
+    """The test shell with ``%load_ext ipy_dbreset`` done and the ORM imported."""
+    assert run(bare_shell, "%load_ext ipy_dbreset").ok
+    assert run(
+        bare_shell,
+        "from django.db import connection, connections, transaction\nfrom shop.models import Order",
+    ).ok
+    return bare_shell

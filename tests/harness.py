@@ -1,17 +1,30 @@
-"""Real Jupyter kernels for the tests: start one in a folder, run cells, read what they show."""
+"""Real shells for the tests: start one, run cells, read what they show.
+
+Three kinds of shell, one :class:`Cell` to describe what a cell did:
+
+* :class:`Kernel`, a real ipykernel in its own process;
+* :func:`run`, a cell in IPython's test shell in this process;
+* :func:`run_shell`, cells in a fresh ``InteractiveShell`` process, with the
+  state the extension left registered after each.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_client.manager import KernelManager
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "notebooks"
@@ -23,12 +36,23 @@ class Cell:
 
     code: str
     status: str = ""
+    """``"ok"`` or ``"error"``, as a kernel's execute reply says."""
     ename: str | None = None
+    """The class name of the exception the cell raised."""
     evalue: str | None = None
+    """Its message."""
     stdout: str = ""
     stderr: str = ""
     texts: list[str] = field(default_factory=list)
     htmls: list[str] = field(default_factory=list)
+    error_shown: str = ""
+    """The error as a kernel shows it, apart from the streams (a shell prints it to stdout)."""
+    result: Any = None
+    """The cell's value itself, when the shell runs in this process."""
+    exception: BaseException | None = None
+    """The exception itself, when the shell runs in this process."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """What the extension left registered after the cell (:func:`run_shell` only)."""
 
     @property
     def ok(self) -> bool:
@@ -37,7 +61,7 @@ class Cell:
     @property
     def shown(self) -> str:
         """Everything the user saw, as text."""
-        return "\n".join([self.stdout, self.stderr, *self.texts, self.evalue or ""])
+        return "\n".join([self.stdout, self.stderr, *self.texts, self.error_shown])
 
     @property
     def notices(self) -> list[str]:
@@ -52,15 +76,46 @@ class Cell:
         return ast.literal_eval(results[-1])
 
 
-class Kernel:
-    """A real ipykernel started in ``cwd`` with ``env``."""
+def run(shell: InteractiveShell, code: str) -> Cell:
+    """Run ``code`` as a cell of a shell in this process (callbacks and all)."""
+    from IPython.utils.capture import capture_output
 
-    def __init__(self, cwd: Path = DEMO, env: dict[str, str] | None = None) -> None:
+    with capture_output() as shown:
+        result = shell.run_cell(code, store_history=True)
+    error = result.error_in_exec or result.error_before_exec
+    return Cell(
+        code,
+        status="ok" if error is None else "error",
+        ename=None if error is None else type(error).__name__,
+        evalue=None if error is None else str(error),
+        stdout=shown.stdout,
+        stderr=shown.stderr,
+        texts=[o.data.get("text/plain", "") for o in shown.outputs],
+        htmls=[o.data.get("text/html", "") for o in shown.outputs],
+        result=result.result,
+        exception=error,
+    )
+
+
+class Kernel:
+    """A real ipykernel started in ``cwd`` with ``env``.
+
+    ``extra_arguments`` are appended to the kernel's command line, as a kernel
+    spec's ``argv`` would have them (``["--ext", "ipy_dbreset"]``).
+    """
+
+    def __init__(
+        self,
+        cwd: Path = DEMO,
+        env: dict[str, str] | None = None,
+        extra_arguments: list[str] | None = None,
+    ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
         full_env.update(env or {})
         full_env.setdefault("PYTHONPATH", str(ROOT))
         self.manager = KernelManager(kernel_name="python3")
         self.manager.kernel_spec.argv[0] = sys.executable
+        self.manager.kernel_spec.argv.extend(extra_arguments or [])
         self.manager.start_kernel(cwd=str(cwd), env=full_env)
         self.client = self.manager.client()
         self.client.start_channels()
@@ -86,12 +141,14 @@ class Kernel:
                     cell.htmls.append(data["text/html"])
             elif kind == "error":
                 cell.ename, cell.evalue = content["ename"], content["evalue"]
+                cell.error_shown = f"{cell.ename}: {cell.evalue}"
 
         reply = self.client.execute_interactive(code, output_hook=hook, timeout=timeout)
         cell.status = reply["content"]["status"]
         if cell.status == "error" and cell.ename is None:
             cell.ename = reply["content"].get("ename")
             cell.evalue = reply["content"].get("evalue")
+            cell.error_shown = f"{cell.ename}: {cell.evalue}"
         self.cells.append(cell)
         return cell
 
@@ -124,3 +181,198 @@ class Kernel:
                 if pid:
                     os.kill(pid, signal.SIGKILL)
         time.sleep(0)
+
+
+# -- fresh IPython shell processes ----------------------------------------------
+
+# Runs in the child process: an in-process IPython shell that runs the cells it
+# is given and writes, after each cell, what it showed and what the extension
+# left registered in the shell and the process.
+SHELL_SCRIPT = r"""
+import json, os, sys
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from traitlets.config import Config
+
+spec = json.loads(sys.argv[1])
+config = Config(spec["config"])
+config.HistoryManager.hist_file = ":memory:"
+shell = InteractiveShell.instance(config=config)
+
+
+def ours(callback):
+    return type(getattr(callback, "__self__", None)).__name__ == "DBReset"
+
+
+def state():
+    receivers = None
+    if "django.db.backends.signals" in sys.modules:
+        from django.db.backends.signals import connection_created
+
+        receivers = len(connection_created.receivers)
+    return {
+        "callbacks": {
+            event: sum(map(ours, shell.events.callbacks[event]))
+            for event in ("pre_run_cell", "post_run_cell")
+        },
+        "configurables": sum(type(c).__name__ == "DBReset" for c in shell.configurables),
+        "magics": sorted(n for n in ("dbreset", "dbstatus") if shell.find_line_magic(n)),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("DJANGO_")},
+        "path": list(sys.path),
+        "loaded": "ipy_dbreset" in shell.extension_manager.loaded,
+        "receivers": receivers,
+    }
+
+
+report = {"before": state(), "cells": []}
+for code in spec["cells"]:
+    with capture_output() as shown:
+        result = shell.run_cell(code, store_history=True)
+    error = result.error_in_exec or result.error_before_exec
+    report["cells"].append(
+        {
+            "code": code,
+            "status": "ok" if error is None else "error",
+            "ename": None if error is None else type(error).__name__,
+            "evalue": None if error is None else str(error),
+            "stdout": shown.stdout,
+            "stderr": shown.stderr,
+            "texts": [o.data.get("text/plain", "") for o in shown.outputs],
+            "htmls": [o.data.get("text/html", "") for o in shown.outputs],
+            "state": state(),
+        }
+    )
+with open(spec["report"], "w") as out:
+    json.dump(report, out)
+"""
+
+
+@dataclass
+class Session:
+    """A finished child shell: its state before the first cell, and each cell."""
+
+    before: dict[str, Any]
+    cells: list[Cell] = field(default_factory=list)
+    output: str = ""
+
+    def __getitem__(self, index: int) -> Cell:
+        return self.cells[index]
+
+
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without Django's variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra)
+    return env
+
+
+def run_shell(
+    cells: list[str],
+    cwd: Path,
+    *,
+    env: dict[str, str] | None = None,
+    config: dict[str, dict[str, Any]] | None = None,
+    tmp_path: Path,
+    unprivileged: bool = False,
+) -> Session:
+    """Run ``cells`` in a fresh IPython shell process started in ``cwd``.
+
+    ``unprivileged``: as the ``nobody`` user, for whom permission bits count
+    (``tmp_path`` must then be writable by it).
+    """
+    report = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
+    spec = {"cells": cells, "config": config or {}, "report": str(report)}
+    full_env = clean_env(IPYTHONDIR=str(tmp_path / "ipython"))
+    full_env.update(env or {})
+    command = [sys.executable, "-c", SHELL_SCRIPT, json.dumps(spec)]
+    if unprivileged:
+        command = [*AS_NOBODY, *command]
+        # IPython follows the virtualenv's python symlink, maybe into root's home.
+        full_env.pop("VIRTUAL_ENV", None)
+    done = subprocess.run(
+        command,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and report.exists(), output
+    data = json.loads(report.read_text())
+    return Session(data["before"], [Cell(**c) for c in data["cells"]], output)
+
+
+# -- a tmp Django project -------------------------------------------------------
+
+MANAGE_PY = """\
+#!/usr/bin/env python
+import os
+import sys
+
+print("MANAGE.PY WAS EXECUTED")
+raise SystemExit("manage.py must only be read, never run")
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "{settings}")
+    {extra}
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
+"""
+
+SETTINGS = """\
+SECRET_KEY = "test-only"
+INSTALLED_APPS = ["django.contrib.contenttypes", "myapp"]
+USE_TZ = True
+DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": {db!r}}}}}
+MARK = {mark!r}
+"""
+
+
+def make_project(root: Path, *, settings: str = "mysite.settings", extra: str = "") -> Path:
+    """``root/myproject`` with manage.py, mysite/settings.py, an app, and notebooks/."""
+    project = root / "myproject"
+    (project / "mysite").mkdir(parents=True)
+    (project / "myapp").mkdir()
+    (project / "notebooks" / "deeper").mkdir(parents=True)
+    (project / "manage.py").write_text(MANAGE_PY.format(settings=settings, extra=extra))
+    (project / "mysite" / "__init__.py").write_text("")
+    (project / "myapp" / "__init__.py").write_text("")
+    for name in ("settings", "other_settings", "option_settings"):
+        write_settings(project, name)
+    return project
+
+
+def write_settings(project: Path, name: str, body: str | None = None) -> None:
+    db = str(project / f"{name}.sqlite3")
+    text = SETTINGS.format(db=db, mark=name) if body is None else body
+    (project / "mysite" / f"{name}.py").write_text(text)
+
+
+WHICH = (
+    "from django.conf import settings\n"
+    "from django.db import connection\n"
+    "connection.ensure_connection()\n"
+    "print('MARK', settings.MARK)"
+)
+
+
+def mark(cell: Cell) -> str:
+    """Which settings module the shell ended up with (each one has its own MARK)."""
+    assert cell.ok, cell.shown
+    return cell.stdout.split("MARK", 1)[1].strip()
+
+
+def assert_loaded(cell: Cell) -> None:
+    assert cell.ok, cell.shown
+    state = cell.state
+    assert state["magics"] == ["dbreset", "dbstatus"]
+    assert state["callbacks"] == {"pre_run_cell": 1, "post_run_cell": 1}
+    assert state["configurables"] == 1
+    assert state["loaded"]

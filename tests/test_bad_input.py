@@ -13,18 +13,23 @@ it, which would make arbitrary text run arbitrary code.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import TYPE_CHECKING
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
-from test_magics import bare_shell, demo_django, release_connections, run, shell
+
+from conftest import release_connections
+from harness import assert_loaded, clean_env, make_project, run, run_shell
 
 if TYPE_CHECKING:
-    from IPython.core.interactiveshell import InteractiveShell
+    from pathlib import Path
 
-__all__ = ["bare_shell", "demo_django", "shell"]  # fixtures shared with test_magics
+    from IPython.core.interactiveshell import InteractiveShell
 
 ALIASES = ("default", "other")
 
@@ -147,8 +152,158 @@ def test_the_shell_still_works_after_all_that(shell: InteractiveShell) -> None:
     prepare()
     for line in ("'", "-x", "nope", "\x00"):
         ran = run(shell, f"%dbreset {line}")
-        assert isinstance(ran.error, UsageError), ran.shown
+        assert isinstance(ran.exception, UsageError), ran.shown
         assert "Traceback" not in ran.shown
     assert run(shell, "%dbreset -q").ok
     after = run(shell, "Order.objects.count() >= 0")
     assert after.ok and after.result is True, after.shown
+
+
+# -- bad configuration values -------------------------------------------------------
+
+BAD_CONFIG = {
+    "verbosity-not-a-number": (
+        {"DBReset": {"verbosity": "x"}},
+        [],
+        "c.DBReset.verbosity = 'x' is not valid: expected 0, 1 or 2",
+        "%config DBReset.verbosity = 1",
+    ),
+    "verbosity-out-of-range": (
+        {"DBReset": {"verbosity": -1}},
+        [],
+        "c.DBReset.verbosity = -1 is not valid: expected 0, 1 or 2",
+        "%config DBReset.verbosity = 2",
+    ),
+    "policy-unknown": (
+        {"DBReset": {"aborted_manual_transactions": "foo"}},
+        [],
+        "c.DBReset.aborted_manual_transactions = 'foo' is not valid: "
+        "expected 'rollback' or 'leave'",
+        '%config DBReset.aborted_manual_transactions = "leave"',
+    ),
+    "config-magic-before-loading": (
+        None,
+        ['%config DBReset.verbosity = "x"'],
+        "c.DBReset.verbosity = 'x' is not valid: expected 0, 1 or 2",
+        "%config DBReset.verbosity = 1",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "before", "message", "fix"), BAD_CONFIG.values(), ids=BAD_CONFIG.keys()
+)
+def test_bad_configuration_is_one_line_registers_nothing_and_can_be_fixed(
+    tmp_path: Path, config: dict | None, before: list[str], message: str, fix: str
+) -> None:
+    project = make_project(tmp_path)
+    session = run_shell(
+        [*before, "%load_ext ipy_dbreset", fix, "%load_ext ipy_dbreset", "%dbstatus"],
+        project / "notebooks",
+        config=config,
+        tmp_path=tmp_path,
+    )
+    refused, _, loaded, status = session.cells[len(before) :]
+    assert refused.ename == "UsageError", refused.shown
+    shown = refused.shown.strip()
+    assert shown == (
+        f"UsageError: ipy_dbreset: {message}; fix it in ipython_config.py or with %config, "
+        "then %load_ext ipy_dbreset"
+    )
+    assert refused.state["magics"] == []
+    assert refused.state["callbacks"] == {"pre_run_cell": 0, "post_run_cell": 0}
+    assert refused.state["configurables"] == 0
+    assert not refused.state["loaded"]
+    assert refused.state["env"] == session.before["env"]  # Django was not even looked for
+    assert_loaded(loaded)
+    assert status.ok, status.shown
+
+
+def test_bad_verbosity_after_loading_is_one_line_and_keeps_the_old_value(
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path)
+    verbosity = (
+        "print('verbosity', *[c.verbosity for c in get_ipython().configurables "
+        "if type(c).__name__ == 'DBReset'])"
+    )
+    session = run_shell(
+        [
+            "%load_ext ipy_dbreset",
+            "%config DBReset.verbosity = 5",
+            verbosity,
+            "%config DBReset.verbosity = 2",
+            verbosity,
+        ],
+        project / "notebooks",
+        tmp_path=tmp_path,
+    )
+    assert_loaded(session[0])
+    refused = session[1].shown.strip()  # %config reports it through logging.error
+    assert len(refused.splitlines()) == 1, refused
+    assert refused.endswith(
+        "The 'verbosity' trait of a DBReset instance expected 0, 1 or 2, not the int 5."
+    )
+    assert session[2].stdout.strip() == "verbosity 1"
+    assert session[4].stdout.strip() == "verbosity 2"
+
+
+@pytest.mark.parametrize("how", ["--ext", "ipython_config.py"])
+def test_bad_configuration_at_start_up_is_one_message_with_a_way_back(
+    tmp_path: Path, how: str
+) -> None:
+    """`ipython --ext ipy_dbreset` or configured extensions with a bad value: no traceback."""
+    project = make_project(tmp_path)
+    ipython_dir = tmp_path / "ipython"
+    profile = ipython_dir / "profile_default"
+    profile.mkdir(parents=True)
+    arguments = ["--DBReset.verbosity=x"]
+    if how == "--ext":
+        arguments += ["--ext", "ipy_dbreset"]
+    else:
+        (profile / "ipython_config.py").write_text(
+            'c.InteractiveShellApp.extensions = ["ipy_dbreset"]\n'
+            'c.DBReset.aborted_manual_transactions = "foo"\n'
+        )
+        arguments = []
+    cells = (
+        "print('callbacks', len(get_ipython().events.callbacks['pre_run_cell']))\n"
+        "%config DBReset.verbosity = 1\n"
+        '%config DBReset.aborted_manual_transactions = "leave"\n'
+        "%reload_ext ipy_dbreset\n"
+        "print('callbacks', len(get_ipython().events.callbacks['pre_run_cell']))\n"
+        "%dbstatus\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "IPython",
+            "--no-banner",
+            "--colors=NoColor",
+            *arguments,
+            "-c",
+            cells,
+        ],
+        cwd=project / "notebooks",
+        env=clean_env(IPYTHONDIR=str(ipython_dir)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Traceback" not in output
+    bad = (
+        "c.DBReset.verbosity = 'x'"
+        if how == "--ext"
+        else "c.DBReset.aborted_manual_transactions = 'foo'"
+    )
+    expected = f"ipy_dbreset: {bad} is not valid: expected "
+    lines = [line for line in output.splitlines() if line.startswith(expected)]
+    assert len(lines) == 1, output
+    assert lines[0].endswith("fix it with %config, then %reload_ext ipy_dbreset"), output
+    assert "callbacks 0" in output  # nothing half-registered
+    assert "callbacks 1" in output  # and the way back works
+    assert "UsageError" not in output

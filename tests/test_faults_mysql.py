@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import mysql_admin
+from conftest import mysql_admin, wait_until_mysql_gone
 
 if TYPE_CHECKING:
     from harness import Kernel
@@ -35,9 +35,10 @@ def thread_id(kernel: Kernel) -> int:
 
 
 def kill(kernel: Kernel) -> None:
-    """``KILL`` the kernel's connection, as a DBA would, and let the server close it."""
-    mysql_admin(f"KILL {thread_id(kernel)}")
-    time.sleep(0.3)
+    """``KILL`` the kernel's connection, as a DBA would, and wait until the server closed it."""
+    thread = thread_id(kernel)
+    mysql_admin(f"KILL {thread}")
+    wait_until_mysql_gone(thread)
 
 
 def lost_notice(notices: list[str]) -> bool:
@@ -61,8 +62,9 @@ def test_first_cell_after_kill_works(start_kernel, mysql_url, mysql_db):
 def test_first_cell_after_wait_timeout_works(start_kernel, mysql_url, mysql_db):
     kernel = start_kernel(mysql_url)
     kernel.ok("Order.objects.create(number=1)")
+    thread = thread_id(kernel)
     kernel.ok("connection.cursor().execute('SET SESSION wait_timeout=1')")
-    time.sleep(2)  # the user reads for a while; the server gives up on the connection
+    wait_until_mysql_gone(thread)  # the user reads for a while; the server gives up on it
     cell = kernel.ok("Order.objects.count()")
     assert cell.value() == 1
     assert lost_notice(cell.notices)

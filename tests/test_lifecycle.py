@@ -14,17 +14,13 @@ import sys
 from typing import TYPE_CHECKING
 
 import pytest
-from test_magics import bare_shell, demo_django, run
-from test_project import clean_env, run_shell
 
-from harness import DEMO
+from harness import DEMO, clean_env, run, run_shell
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from IPython.core.interactiveshell import InteractiveShell
-
-__all__ = ["bare_shell", "demo_django"]  # fixtures shared with test_magics
 
 # Prints what the extension registered, as the last line of output.
 COUNTS = (
@@ -275,7 +271,7 @@ def test_unload_removes_everything_and_loading_again_works(bare_shell: Interacti
     assert receivers() == before
     for magic in ("%dbreset", "%dbstatus", "%config DBReset"):
         gone = run(bare_shell, magic)
-        assert gone.error is not None or "not found" in gone.shown, (magic, gone.shown)
+        assert gone.exception is not None or "not found" in gone.shown, (magic, gone.shown)
     assert run(bare_shell, "%load_ext ipy_dbreset").ok
     assert registered(bare_shell) == (1, 1, 1, True, True)
 

@@ -8,134 +8,20 @@ are broken for real (a connection closed inside an open atomic block).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from harness import DEMO, ROOT
+from harness import DEMO, run
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
     from IPython.core.interactiveshell import InteractiveShell
 
-# -- the shell and the demo project, in this process ------------------------------
-
-
-@pytest.fixture(scope="session")
-def demo_django(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Django set up once in this process: the demo project on fresh SQLite files."""
-    import django
-    from django.apps import apps
-    from django.core.management import call_command
-
-    if apps.ready:
-        if not apps.is_installed("shop"):
-            pytest.skip("Django was set up in this process with another project")
-        return
-    folder = tmp_path_factory.mktemp("demo-db")
-    chosen = {
-        "DJANGO_SETTINGS_MODULE": "demo.settings",
-        "IPY_DBRESET_DEMO_DB": f"sqlite:///{folder / 'db.sqlite3'}",
-        "IPY_DBRESET_DEMO_OTHER": str(folder / "other.sqlite3"),
-    }
-    saved = {name: os.environ.get(name) for name in chosen}
-    os.environ.update(chosen)
-    for folder in (ROOT, DEMO):  # the package (when not installed) and the demo's apps
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
-    try:
-        django.setup()
-        call_command("migrate", verbosity=0)
-    finally:
-        # Settings are read by now; leave the environment as other tests expect it.
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def release_connections() -> None:
-    """Put every connection of this thread back to closed and idle, whatever a test did."""
-    from django.db import connections
-
-    for wrapper in connections.all(initialized_only=True):
-        wrapper.atomic_blocks.clear()
-        wrapper.savepoint_ids.clear()
-        wrapper.in_atomic_block = False
-        wrapper.needs_rollback = False
-        wrapper.closed_in_transaction = False
-        wrapper.close()  # SQLite rolls back what was not committed
-
-
-@pytest.fixture
-def bare_shell(demo_django: None) -> Iterator[InteractiveShell]:
-    """IPython's test shell without the extension; unloaded and cleaned up afterwards."""
-    from IPython.testing import globalipapp
-
-    globalipapp.start_ipython()
-    shell = globalipapp.get_ipython()
-    release_connections()
-    yield shell
-    if "ipy_dbreset" in shell.extension_manager.loaded:
-        shell.run_line_magic("unload_ext", "ipy_dbreset")
-    shell.config.pop("DBReset", None)  # %config writes through to the shell's config
-    release_connections()
-
-
-@pytest.fixture
-def shell(bare_shell: InteractiveShell) -> InteractiveShell:
-    """The test shell with ``%load_ext ipy_dbreset`` done and the ORM imported."""
-    assert run(bare_shell, "%load_ext ipy_dbreset").ok
-    assert run(
-        bare_shell,
-        "from django.db import connection, connections, transaction\nfrom shop.models import Order",
-    ).ok
-    return bare_shell
-
-
-@dataclass
-class Ran:
-    """What a cell did and everything it showed."""
-
-    error: BaseException | None
-    result: Any
-    stdout: str
-    stderr: str
-    texts: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def shown(self) -> str:
-        return "\n".join([self.stdout, self.stderr, *self.texts])
-
-    @property
-    def notices(self) -> list[str]:
-        return [t for t in self.texts if t.startswith("ipy_dbreset:")]
-
-
-def run(shell: InteractiveShell, code: str) -> Ran:
-    """Run ``code`` as a cell (callbacks and all) and capture what it showed."""
-    from IPython.utils.capture import capture_output
-
-    with capture_output() as shown:
-        result = shell.run_cell(code, store_history=True)
-    return Ran(
-        result.error_in_exec or result.error_before_exec,
-        result.result,
-        shown.stdout,
-        shown.stderr,
-        [o.data.get("text/plain", "") for o in shown.outputs],
-    )
+    from harness import Cell
 
 
 def state(alias: str = "default") -> tuple[object, ...]:
@@ -243,8 +129,8 @@ def test_unknown_alias_is_a_usage_error_that_touches_nothing(
     open_atomic_with_a_row(shell, 1003)
     before = state("default")
     ran = run(shell, f"%{magic} {line}")
-    assert isinstance(ran.error, UsageError), ran.shown
-    assert "'nope'" in str(ran.error)
+    assert isinstance(ran.exception, UsageError), ran.shown
+    assert "'nope'" in str(ran.exception)
     assert "Traceback" not in ran.shown
     assert state("default") == before
     # The user's uncommitted row is still there, in the same transaction.
@@ -261,15 +147,15 @@ def test_bad_options_are_usage_errors(shell: InteractiveShell, magic: str, line:
     open_atomic_with_a_row(shell, 1004)
     before = state("default")
     ran = run(shell, f"%{magic} {line}")
-    assert isinstance(ran.error, UsageError), ran.shown
+    assert isinstance(ran.exception, UsageError), ran.shown
     assert "Traceback" not in ran.shown
-    assert f"%{magic}?" in str(ran.error)  # points to the help
+    assert f"%{magic}?" in str(ran.exception)  # points to the help
     assert state("default") == before
 
 
 def test_without_the_extension_the_magics_do_not_exist(bare_shell: InteractiveShell) -> None:
     ran = run(bare_shell, "%dbreset")
-    assert ran.error is not None and "not found" in ran.shown
+    assert ran.exception is not None and "not found" in ran.shown
 
 
 # -- %dbstatus --------------------------------------------------------------------
@@ -299,28 +185,21 @@ def test_dbstatus_shows_a_row_per_connection_without_connecting(shell: Interacti
 
 # -- configuration ----------------------------------------------------------------
 
-TRAITS = (
-    "auto_repair",
-    "check_before_cell",
-    "aborted_manual_transactions",
-    "allow_async_unsafe",
-    "settings_module",
-    "verbosity",
-)
-
 
 def test_config_lists_every_option_with_its_help(shell: InteractiveShell) -> None:
     from ipy_dbreset.magics import DBReset
 
     ran = run(shell, "%config DBReset")
     assert ran.ok, ran.shown
-    for name in TRAITS:
+    options = DBReset.class_trait_names(config=True)
+    assert "auto_repair" in options  # the list is read from the class, not empty
+    for name in options:
         assert f"DBReset.{name}=" in ran.shown
         help_start = DBReset.class_traits()[name].help.split()[:4]
         assert " ".join(help_start) in " ".join(ran.shown.split())
 
 
-def broken(shell: InteractiveShell) -> Ran:
+def broken(shell: InteractiveShell) -> Cell:
     """A cell that leaves ``default`` closed inside an open atomic block."""
     return run(
         shell,
@@ -385,9 +264,7 @@ SECRET = "Sup3r-Secret-pw"
 @pytest.mark.postgres
 def test_no_output_shows_the_database_password(start_kernel, postgres_url, postgres_db) -> None:
     """PostgreSQL here trusts local users, so a PASSWORD is accepted and must stay unseen."""
-    import time
-
-    from conftest import terminate_backends
+    from conftest import terminate_backends, wait_until_disconnected
 
     url = postgres_url.replace("postgresql://postgres@", f"postgresql://postgres:{SECRET}@")
     kernel = start_kernel(url, load=False)
@@ -404,7 +281,7 @@ def test_no_output_shows_the_database_password(start_kernel, postgres_url, postg
     )
     kernel.ok("transaction.set_autocommit(True)")
     assert terminate_backends(postgres_db) >= 1
-    time.sleep(0.2)
+    wait_until_disconnected(postgres_db)
     kernel.ok("Order.objects.count()")
     kernel.ok("%dbstatus default")
     kernel.ok("%dbreset")

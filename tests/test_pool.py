@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import time
-
 import django
 import pytest
 
-from conftest import terminate_backends
+from conftest import DRIVERS, terminate_backends, wait_until_disconnected
 
 pytestmark = [
     pytest.mark.kernel,
     pytest.mark.postgres,
     pytest.mark.skipif(django.VERSION < (5, 1), reason="connection pools need Django 5.1+"),
+    pytest.mark.skipif("psycopg" not in DRIVERS, reason="connection pools need psycopg 3"),
 ]
 
 POOL = {"IPY_DBRESET_DEMO_POOL": "1"}
@@ -24,7 +23,7 @@ def test_first_cell_after_terminated_pooled_backends_works(start_kernel, postgre
     kernel.ok("Order.objects.create(number=1)")
     # Every connection of the pool dies, the checked-out one and the idle ones.
     assert terminate_backends(postgres_db) >= 1
-    time.sleep(0.3)
+    wait_until_disconnected(postgres_db)
     for _ in range(5):
         # Each cell checks a connection out of the pool afresh after a reset.
         assert kernel.ok("Order.objects.count()").value() == 1

@@ -7,221 +7,32 @@ IPython shell in its own process, in a folder and environment of its own
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from harness import ROOT
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-# Runs in the child process: an in-process IPython shell that runs the cells it
-# is given and writes, after each cell, what it showed and what the extension
-# left registered in the shell and the process.
-SHELL_SCRIPT = r"""
-import json, os, sys
-from IPython.core.interactiveshell import InteractiveShell
-from IPython.utils.capture import capture_output
-from traitlets.config import Config
-
-spec = json.loads(sys.argv[1])
-config = Config(spec["config"])
-config.HistoryManager.hist_file = ":memory:"
-shell = InteractiveShell.instance(config=config)
-
-
-def ours(callback):
-    return type(getattr(callback, "__self__", None)).__name__ == "DBReset"
-
-
-def state():
-    receivers = None
-    if "django.db.backends.signals" in sys.modules:
-        from django.db.backends.signals import connection_created
-
-        receivers = len(connection_created.receivers)
-    return {
-        "callbacks": {
-            event: sum(map(ours, shell.events.callbacks[event]))
-            for event in ("pre_run_cell", "post_run_cell")
-        },
-        "configurables": sum(type(c).__name__ == "DBReset" for c in shell.configurables),
-        "magics": sorted(n for n in ("dbreset", "dbstatus") if shell.find_line_magic(n)),
-        "env": {k: v for k, v in os.environ.items() if k.startswith("DJANGO_")},
-        "path": list(sys.path),
-        "loaded": "ipy_dbreset" in shell.extension_manager.loaded,
-        "receivers": receivers,
-    }
-
-
-report = {"before": state(), "cells": []}
-for code in spec["cells"]:
-    with capture_output() as shown:
-        result = shell.run_cell(code, store_history=True)
-    error = result.error_in_exec or result.error_before_exec
-    report["cells"].append(
-        {
-            "code": code,
-            "error": None if error is None else type(error).__name__,
-            "message": None if error is None else str(error),
-            "stdout": shown.stdout,
-            "stderr": shown.stderr,
-            "texts": [o.data.get("text/plain", "") for o in shown.outputs],
-            "htmls": [o.data.get("text/html", "") for o in shown.outputs],
-            "state": state(),
-        }
-    )
-with open(spec["report"], "w") as out:
-    json.dump(report, out)
-"""
-
-
-@dataclass
-class Cell:
-    """What one cell did in the child shell, and the shell's state after it."""
-
-    code: str
-    error: str | None
-    message: str | None
-    stdout: str
-    stderr: str
-    texts: list[str]
-    htmls: list[str]
-    state: dict[str, Any]
-
-    @property
-    def shown(self) -> str:
-        """Everything the user saw, as text."""
-        return "\n".join([self.stdout, self.stderr, *self.texts])
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class Session:
-    """A finished child shell: its state before the first cell, and each cell."""
-
-    before: dict[str, Any]
-    cells: list[Cell] = field(default_factory=list)
-    output: str = ""
-
-    def __getitem__(self, index: int) -> Cell:
-        return self.cells[index]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without Django's variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
-    env.update(PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-    env.update(extra)
-    return env
-
-
-def run_shell(
-    cells: list[str],
-    cwd: Path,
-    *,
-    env: dict[str, str] | None = None,
-    config: dict[str, dict[str, Any]] | None = None,
-    tmp_path: Path,
-) -> Session:
-    """Run ``cells`` in a fresh IPython shell process started in ``cwd``."""
-    report = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
-    spec = {"cells": cells, "config": config or {}, "report": str(report)}
-    full_env = clean_env(IPYTHONDIR=str(tmp_path / "ipython"))
-    full_env.update(env or {})
-    done = subprocess.run(
-        [sys.executable, "-c", SHELL_SCRIPT, json.dumps(spec)],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0 and report.exists(), output
-    data = json.loads(report.read_text())
-    return Session(data["before"], [Cell(**c) for c in data["cells"]], output)
-
-
-# -- a tmp Django project -------------------------------------------------------
-
-MANAGE_PY = """\
-#!/usr/bin/env python
-import os
-import sys
-
-print("MANAGE.PY WAS EXECUTED")
-raise SystemExit("manage.py must only be read, never run")
-
-if __name__ == "__main__":
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "{settings}")
-    {extra}
-    from django.core.management import execute_from_command_line
-
-    execute_from_command_line(sys.argv)
-"""
-
-SETTINGS = """\
-SECRET_KEY = "test-only"
-INSTALLED_APPS = ["django.contrib.contenttypes", "myapp"]
-USE_TZ = True
-DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": {db!r}}}}}
-MARK = {mark!r}
-"""
-
-
-def make_project(root: Path, *, settings: str = "mysite.settings", extra: str = "") -> Path:
-    """``root/myproject`` with manage.py, mysite/settings.py, an app, and notebooks/."""
-    project = root / "myproject"
-    (project / "mysite").mkdir(parents=True)
-    (project / "myapp").mkdir()
-    (project / "notebooks" / "deeper").mkdir(parents=True)
-    (project / "manage.py").write_text(MANAGE_PY.format(settings=settings, extra=extra))
-    (project / "mysite" / "__init__.py").write_text("")
-    (project / "myapp" / "__init__.py").write_text("")
-    for name in ("settings", "other_settings", "option_settings"):
-        write_settings(project, name)
-    return project
-
-
-def write_settings(project: Path, name: str, body: str | None = None) -> None:
-    db = str(project / f"{name}.sqlite3")
-    text = SETTINGS.format(db=db, mark=name) if body is None else body
-    (project / "mysite" / f"{name}.py").write_text(text)
-
-
-WHICH = (
-    "from django.conf import settings\n"
-    "from django.db import connection\n"
-    "connection.ensure_connection()\n"
-    "print('MARK', settings.MARK)"
+from harness import (
+    ROOT,
+    SETTINGS,
+    WHICH,
+    assert_loaded,
+    clean_env,
+    make_project,
+    mark,
+    run_shell,
+    write_settings,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
-def mark(cell: Cell) -> str:
-    """Which settings module the shell ended up with (each one has its own MARK)."""
-    assert cell.ok, cell.shown
-    return cell.stdout.split("MARK", 1)[1].strip()
-
-
-def assert_loaded(cell: Cell) -> None:
-    assert cell.ok, cell.shown
-    state = cell.state
-    assert state["magics"] == ["dbreset", "dbstatus"]
-    assert state["callbacks"] == {"pre_run_cell": 1, "post_run_cell": 1}
-    assert state["configurables"] == 1
-    assert state["loaded"]
-
+    from harness import Cell, Session
 
 SETTINGS_HINTS = ("DJANGO_SETTINGS_MODULE", "c.DBReset.settings_module")
 
@@ -230,7 +41,7 @@ def assert_clear_failure(
     session: Session, cell: Cell, *words: str, hints: tuple[str, ...] = SETTINGS_HINTS
 ) -> None:
     """One short UsageError naming the fix; nothing registered, nothing changed."""
-    assert cell.error == "UsageError", cell.shown
+    assert cell.ename == "UsageError", cell.shown
     shown = cell.shown.strip()
     assert "Traceback" not in shown
     assert len(shown) < 700 and len(shown.splitlines()) == 1, shown
@@ -284,7 +95,7 @@ def test_quiet_setup_still_goes_to_the_log(tmp_path: Path) -> None:
     assert_loaded(session[1])
     assert session[1].texts == []
     assert "ipy_dbreset: Django set up with mysite.settings" in session.output
-    assert "set DJANGO_SETTINGS_MODULE" in session.output
+    assert "DJANGO_SETTINGS_MODULE was set to it" in session.output
 
 
 def test_manage_py_that_assigns_the_variable_is_read_too(tmp_path: Path) -> None:
@@ -484,9 +295,9 @@ def test_failed_load_leaves_no_half_registered_extension(tmp_path: Path) -> None
         tmp_path=tmp_path,
     )
     imported, load, status, unload = session.cells
-    assert load.error == "UsageError"
+    assert load.ename == "UsageError"
     assert load.state["receivers"] == imported.state["receivers"]
-    assert status.error == "UsageError" and "not found" in status.shown
+    assert status.ename == "UsageError" and "not found" in status.shown
     assert unload.ok, unload.shown
     assert "not loaded" in unload.shown
 
@@ -530,3 +341,206 @@ def test_start_up_extension_without_a_project_says_so_in_one_message(tmp_path: P
     assert "Once that is fixed: %reload_ext ipy_dbreset" in output
     assert "callbacks 0" in output  # nothing half-registered
     assert "callbacks 1" in output  # and the way back works
+
+
+# -- an explicit choice does not read manage.py -----------------------------------
+
+BROKEN_MANAGE_PY = {
+    "syntax-error": b"import os\nif True\n",
+    "not-utf-8": b"import os\nos.environ.setdefault('DJANGO_SETTINGS_MODULE', 'caf\xe9')\n",
+    "null-byte": b"import os\x00\n",
+}
+
+
+@pytest.mark.parametrize("how", ["environment", "option"])
+@pytest.mark.parametrize("content", BROKEN_MANAGE_PY.values(), ids=BROKEN_MANAGE_PY.keys())
+def test_explicit_choice_wins_over_a_manage_py_that_cannot_be_read(
+    tmp_path: Path, content: bytes, how: str
+) -> None:
+    project = make_project(tmp_path)
+    (project / "manage.py").write_bytes(content)
+    choice = "mysite.other_settings"
+    session = run_shell(
+        ["%load_ext ipy_dbreset", WHICH],
+        project / "notebooks",
+        env={"DJANGO_SETTINGS_MODULE": choice} if how == "environment" else None,
+        config={"DBReset": {"settings_module": choice}} if how == "option" else None,
+        tmp_path=tmp_path,
+    )
+    assert_loaded(session[0])
+    assert mark(session[1]) == "other_settings"
+    # Its folder is still found, without reading it, and goes on sys.path.
+    assert session[0].state["path"][0] == str(project)
+
+
+def test_manage_py_that_cannot_be_read_without_a_choice_says_how_to_choose(
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path)
+    (project / "manage.py").write_bytes(BROKEN_MANAGE_PY["syntax-error"])
+    session = run_shell(["%load_ext ipy_dbreset"], project / "notebooks", tmp_path=tmp_path)
+    assert_clear_failure(session, session[0], "could not read", str(project / "manage.py"))
+
+
+# -- manage.py is read as `manage.py shell` runs it ---------------------------------
+
+NEVER_RUN = 'import os\nimport sys\nraise SystemExit("never run")\n'
+
+SHELL_READINGS = {
+    # A branch for `manage.py test` is not taken by `manage.py shell`.
+    "test-branch-first": (
+        'if len(sys.argv) > 1 and sys.argv[1] == "test":\n'
+        '    os.environ["DJANGO_SETTINGS_MODULE"] = "mysite.other_settings"\n'
+        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n',
+        "settings",
+    ),
+    "test-in-argv": (
+        'if "test" in sys.argv:\n'
+        '    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.other_settings")\n'
+        "else:\n"
+        '    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n',
+        "settings",
+    ),
+    "shell-branch": (
+        'if sys.argv[1] == "shell":\n'
+        '    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.other_settings")\n'
+        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n',
+        "other_settings",
+    ),
+    # A helper that nobody calls sets nothing.
+    "uncalled-helper": (
+        "def for_tests():\n"
+        '    os.environ["DJANGO_SETTINGS_MODULE"] = "mysite.other_settings"\n'
+        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n',
+        "settings",
+    ),
+    # setdefault after an assignment does nothing.
+    "assignment-then-setdefault": (
+        'os.environ["DJANGO_SETTINGS_MODULE"] = "mysite.other_settings"\n'
+        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n',
+        "other_settings",
+    ),
+    # Django's own template since 2.0: main() called from the __main__ block.
+    "main-function": (
+        "def main():\n"
+        '    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.other_settings")\n'
+        "    from django.core.management import execute_from_command_line\n"
+        "    execute_from_command_line(sys.argv)\n"
+        "\n"
+        'if __name__ == "__main__":\n'
+        "    sys.exit(main())\n",
+        "other_settings",
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "expected"), SHELL_READINGS.values(), ids=SHELL_READINGS.keys())
+def test_manage_py_is_read_as_manage_py_shell_runs_it(
+    tmp_path: Path, body: str, expected: str
+) -> None:
+    project = make_project(tmp_path)
+    (project / "manage.py").write_text(NEVER_RUN + body)
+    session = run_shell(["%load_ext ipy_dbreset", WHICH], project / "notebooks", tmp_path=tmp_path)
+    assert_loaded(session[0])
+    assert mark(session[1]) == expected
+    assert "MANAGE.PY WAS EXECUTED" not in session.output
+
+
+UNKNOWABLE = {
+    "condition-on-the-environment": (
+        'if os.environ.get("STAGE") == "prod":\n'
+        '    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.other_settings")\n'
+        'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")\n',
+        ("mysite.other_settings", "mysite.settings", "line 4"),
+    ),
+    "computed-value": (
+        'NAME = "mysite"\nos.environ.setdefault("DJANGO_SETTINGS_MODULE", f"{NAME}.settings")\n',
+        ("computes it at run time", "f'{NAME}.settings'"),
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "words"), UNKNOWABLE.values(), ids=UNKNOWABLE.keys())
+def test_manage_py_that_only_running_would_tell_says_how_to_choose(
+    tmp_path: Path, body: str, words: tuple[str, ...]
+) -> None:
+    project = make_project(tmp_path)
+    (project / "manage.py").write_text(NEVER_RUN + body)
+    session = run_shell(
+        [
+            "%load_ext ipy_dbreset",
+            "%env DJANGO_SETTINGS_MODULE=mysite.other_settings",
+            "%load_ext ipy_dbreset",
+            WHICH,
+        ],
+        project / "notebooks",
+        tmp_path=tmp_path,
+    )
+    assert_clear_failure(session, session[0], "cannot tell", "without running it", *words)
+    # The way out the message gives works.
+    assert_loaded(session[2])
+    assert mark(session[3]) == "other_settings"
+
+
+def test_manage_py_coding_line_is_honoured(tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    (project / "manage.py").write_bytes(
+        b"#!/usr/bin/env python\n# -*- coding: latin-1 -*-\nimport os\n"
+        b"# Caf\xe9 project\n"
+        b"os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'mysite.other_settings')\n"
+    )
+    session = run_shell(["%load_ext ipy_dbreset", WHICH], project / "notebooks", tmp_path=tmp_path)
+    assert_loaded(session[0])
+    assert mark(session[1]) == "other_settings"
+
+
+# -- folders and files this user cannot read --------------------------------------
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A folder the unprivileged ``nobody`` user can write to (tmp_path is root's only)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the shell as another user")
+    folder = Path(tempfile.mkdtemp(prefix="ipy_dbreset-"))
+    folder.chmod(0o777)
+    yield folder
+    for path in folder.rglob("*"):  # let rmtree back into what the test locked
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+    shutil.rmtree(folder)
+
+
+def open_to_all(root: Path) -> None:
+    for path in (root, *root.rglob("*")):
+        path.chmod(0o777 if path.is_dir() else 0o666)
+
+
+def test_parent_folder_that_cannot_be_searched_is_one_clear_message(shared_tmp: Path) -> None:
+    locked = shared_tmp / "locked"
+    project = make_project(locked)
+    open_to_all(locked)
+    locked.chmod(0o700)  # root's: nobody cannot look inside, but is started in a subfolder
+    session = run_shell(
+        ["%load_ext ipy_dbreset"], project / "notebooks", tmp_path=shared_tmp, unprivileged=True
+    )
+    assert_clear_failure(session, session[0], "could not look for manage.py", "Permission denied")
+
+
+def test_unreadable_manage_py(shared_tmp: Path) -> None:
+    project = make_project(shared_tmp)
+    open_to_all(shared_tmp)
+    (project / "manage.py").chmod(0)
+    refused = run_shell(
+        ["%load_ext ipy_dbreset"], project / "notebooks", tmp_path=shared_tmp, unprivileged=True
+    )
+    assert_clear_failure(refused, refused[0], "could not read", "Permission denied")
+    chosen = run_shell(
+        ["%load_ext ipy_dbreset", WHICH],
+        project / "notebooks",
+        env={"DJANGO_SETTINGS_MODULE": "mysite.other_settings"},
+        tmp_path=shared_tmp,
+        unprivileged=True,
+    )
+    assert_loaded(chosen[0])
+    assert mark(chosen[1]) == "other_settings"

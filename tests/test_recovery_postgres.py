@@ -9,12 +9,11 @@ was committed is always read back from a separate admin connection.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import DRIVERS, pg_admin, terminate_backends
+from conftest import DRIVERS, pg_admin, terminate_backends, wait_until_disconnected
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -37,22 +36,6 @@ def kernel(start_kernel: Callable[..., Kernel], postgres_url: str, driver: str) 
 def committed(dbname: str) -> list[int]:
     """The order numbers committed in ``dbname``, as another client sees them."""
     return [n for (n,) in pg_admin("select number from shop_order order by number", dbname=dbname)]
-
-
-def backends(dbname: str) -> int:
-    rows = pg_admin(
-        "select count(*) from pg_stat_activity where datname = %s and pid <> pg_backend_pid()",
-        (dbname,),
-    )
-    return int(rows[0][0])
-
-
-def wait_until_disconnected(dbname: str, timeout: float = 10) -> None:
-    """Wait until the server has closed every session on ``dbname``."""
-    deadline = time.monotonic() + timeout
-    while backends(dbname):
-        assert time.monotonic() < deadline, f"sessions on {dbname} still open after {timeout}s"
-        time.sleep(0.05)
 
 
 def terminate(dbname: str) -> None:

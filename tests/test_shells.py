@@ -36,7 +36,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
-from conftest import terminate_backends
+from conftest import terminate_backends, wait_until_disconnected, wait_until_running
 from harness import DEMO, ROOT, Kernel
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def assert_recovers_like_a_plain_kernel(kernel: Kernel, postgres_db: str) -> Non
     assert kernel.ok("Order.objects.create(number=1); Order.objects.count()").value() == 1
 
     assert terminate_backends(postgres_db) >= 1
-    time.sleep(0.2)
+    wait_until_disconnected(postgres_db)
     cell = kernel.ok("Order.objects.count()")
     assert cell.value() == 1
     assert any("lost" in n for n in cell.notices), cell.notices
@@ -366,7 +366,7 @@ def assert_terminal_recovers(shell: Terminal, postgres_db: str) -> None:
     assert re.search(r"^default\s.*postgresql / psycopg2?\s.*\byes\s+\d+\s", status, re.M), status
 
     assert terminate_backends(postgres_db) >= 1
-    time.sleep(0.2)
+    wait_until_disconnected(postgres_db)
     shown = shell.type("Order.objects.count()")
     assert re.search(r"^ipy_dbreset: default: .*lost", shown, re.M), shown
     assert "Out[4]: 1" in shown
@@ -485,6 +485,9 @@ def test_django_configurations_project_kernel_in_a_subfolder(tmp_path):
 # -- found while running the compatibility matrix --------------------------------------------
 
 
+QUERY = "SELECT pg_sleep(10)"
+
+
 @pytest.mark.kernel
 @pytest.mark.postgres
 def test_psycopg2_query_interrupted_as_the_server_drops_it_then_next_cell_works(
@@ -494,15 +497,16 @@ def test_psycopg2_query_interrupted_as_the_server_drops_it_then_next_cell_works(
     kernel.ok("Order.objects.create(number=1); connection.ensure_connection()")
 
     def user_presses_stop_and_server_drops_it() -> None:
-        time.sleep(1)
-        kernel.manager.interrupt_kernel()  # psycopg2 keeps waiting: the interrupt is pending
-        time.sleep(0.1)
+        wait_until_running(postgres_db, QUERY)
+        # psycopg2 keeps waiting: the interrupt stays pending (kill() has queued
+        # the signal when this returns) until the server drops the connection.
+        kernel.manager.interrupt_kernel()
         terminate_backends(postgres_db)
 
     dba = threading.Thread(target=user_presses_stop_and_server_drops_it)
     dba.start()
     try:
-        cell = kernel.run("connection.cursor().execute('SELECT pg_sleep(10)')")
+        cell = kernel.run(f"connection.cursor().execute({QUERY!r})")
     finally:
         dba.join()
     assert cell.ename in {"KeyboardInterrupt", "OperationalError"}, cell.shown

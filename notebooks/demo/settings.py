@@ -8,7 +8,8 @@ The database is SQLite (``db.sqlite3`` beside ``manage.py``) unless
     IPY_DBRESET_DEMO_DB=sqlite:////tmp/demo.sqlite3
 
 ``IPY_DBRESET_DEMO_POOL=1`` turns on Django's PostgreSQL connection pool
-(Django 5.1+ with psycopg 3).  A second alias, ``other``, is always SQLite.
+(Django 5.1+ with psycopg 3).  A second alias, ``other``, is SQLite: the file
+``IPY_DBRESET_DEMO_OTHER`` names, or any database it gives as a URL.
 """
 
 import os
@@ -57,12 +58,12 @@ def database(url: str) -> dict[str, object]:
     return entry
 
 
+other_db = os.environ.get("IPY_DBRESET_DEMO_OTHER") or str(BASE_DIR / "other.sqlite3")
 DATABASES = {
     "default": database(
         os.environ.get("IPY_DBRESET_DEMO_DB") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
     ),
-    "other": {
-        "ENGINE": ENGINES["sqlite"],
-        "NAME": os.environ.get("IPY_DBRESET_DEMO_OTHER") or str(BASE_DIR / "other.sqlite3"),
-    },
+    "other": (
+        database(other_db) if "://" in other_db else {"ENGINE": ENGINES["sqlite"], "NAME": other_db}
+    ),
 }
