@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import DRIVERS, mysql_admin, pg_admin, terminate_backends
+from conftest import (
+    DRIVERS,
+    mysql_admin,
+    pg_admin,
+    terminate_backends,
+    wait_until_disconnected,
+)
 
 if TYPE_CHECKING:
     from harness import Cell, Kernel
@@ -234,13 +240,6 @@ logging.getLogger("ipy_dbreset").addHandler(InterruptOnRepair())
 """
 
 
-def pg_gone(pid: int, timeout: float = 10) -> None:
-    """Wait until the server no longer lists the backend ``pid``."""
-    deadline = time.monotonic() + timeout
-    while pg_admin("select 1 from pg_stat_activity where pid = %s", (pid,)):
-        assert time.monotonic() < deadline, f"backend {pid} still listed after {timeout} s"
-
-
 def assert_no_callback_error(cell: Cell) -> None:
     assert "Error in callback" not in cell.shown, cell.shown
     assert "magics.py" not in cell.shown, cell.shown
@@ -253,10 +252,9 @@ def test_interrupt_during_the_repair_before_a_cell_stops_the_cell_after_the_noti
     kernel = start_kernel(postgres_url)
     kernel.ok("Order.objects.create(number=1)")
     kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
-    pid = int(kernel.ok(PG_PID).value())
     kernel.ok(INTERRUPT_WHEN_REPAIRED)
     assert terminate_backends(postgres_db) >= 1
-    pg_gone(pid)
+    wait_until_disconnected(postgres_db)
     cell = kernel.run("body_ran = True; Order.objects.count()")
     assert kernel.ok("interrupts_sent").value(), "the interrupt was not sent during a repair"
     assert_no_callback_error(cell)
