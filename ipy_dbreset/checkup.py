@@ -281,6 +281,10 @@ class Checkup:
         done: list[Repair] = []
         failed: list[Failure] = []
         self.skipped = []
+        # A reset rolls back and closes without running a query, so no mark
+        # tells the fast path; one that failed may leave a connection broken.
+        # The next check reads every connection again.
+        self._fast_version = -1
         for tracked in self.tracker:
             wrapper = tracked.wrapper
             if wanted is not None and wrapper.alias not in wanted:
