@@ -175,7 +175,7 @@ class Bouncer:
 
     It listens on a free port of its own, in ``mode`` (``"session"`` or
     ``"transaction"``) pooling, and logs to ``pgbouncer.log`` in ``folder``.
-    PgBouncer refuses to run as root: as root it is started with ``-u postgres``,
+    PgBouncer refuses to run as root: as root it is started with ``-u nobody``,
     which drops to that user once the configuration is read.
     """
 
@@ -212,7 +212,7 @@ class Bouncer:
 
     def start(self) -> None:
         assert self.process is None, "PgBouncer is already running"
-        as_root = ["-u", "postgres"] if os.geteuid() == 0 else []
+        as_root = ["-u", "nobody"] if os.geteuid() == 0 else []
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [PGBOUNCER, *as_root, str(self.config)], stdout=log, stderr=log
