@@ -127,7 +127,12 @@ class Worker:
         os.environ["DJANGO_SETTINGS_MODULE"] = "demo.settings"
         # Django is set up the same way in both shells; %load_ext then finds it set up.
         import django
+        from django.conf import settings
 
+        # Scaling mode: more aliases pointing to the same database (read before setup).
+        self.aliases = ["default"] + [f"alias{i}" for i in range(1, spec.get("aliases", 1))]
+        for alias in self.aliases[1:]:
+            settings.DATABASES[alias] = dict(settings.DATABASES["default"])
         django.setup()
         from IPython.core.interactiveshell import InteractiveShell
         from traitlets.config import Config
@@ -140,12 +145,40 @@ class Worker:
             self.must("%load_ext ipy_dbreset")
         self.must("from shop.models import Order\nfrom django.db import connection")
         self.must("Order.objects.exists()")
-        from django.db import connection
+        from django.db import connection, connections
+
+        for alias in self.aliases[1:]:
+            connections[alias].ensure_connection()
+        self.holders = self._hold_connections(spec.get("threads", 0))
+        self.must("pass")  # the extension takes every connection as its baseline
 
         self.connection = connection
         self.statements = 0  # SQLite: statements the engine ran (see op_trace)
 
     # -- helpers -------------------------------------------------------------
+
+    def _hold_connections(self, n: int) -> list[Any]:
+        """Start ``n`` threads that each open a connection and keep it while they live."""
+        import threading
+
+        from django.db import connection
+
+        stop = threading.Event()
+        opened = threading.Semaphore(0)
+
+        def hold() -> None:
+            connection.ensure_connection()
+            opened.release()
+            stop.wait()
+            connection.close()
+
+        threads = [threading.Thread(target=hold, name=f"holder-{i}") for i in range(n)]
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            if not opened.acquire(timeout=60):
+                raise BenchmarkBroken("a thread could not open its connection")
+        return [stop, threads]
 
     def must(self, code: str) -> Any:
         result = self.shell.run_cell(code, store_history=True)
@@ -244,6 +277,23 @@ class Worker:
                 return {"closed": True}
             time.sleep(0.0005)
         return {"closed": False}
+
+    def op_percell(self, n: int) -> dict[str, Any]:
+        """Both callbacks, as around one healthy empty cell, in ns (median of 7 hot loops)."""
+        magics = next(c for c in self.shell.configurables if type(c).__name__ == "DBReset")
+        result = self.must("pass")
+        pre, post = magics.pre_run_cell, magics.post_run_cell
+        clock = time.perf_counter_ns
+        loops = []
+        for _ in range(7):
+            start = clock()
+            for _ in range(n):
+                pre(None)
+                post(result)
+            loops.append((clock() - start) / n)
+        # What the extension sees: a check that the connections are really there.
+        tracked = sum(t.wrapper.connection is not None for t in magics.checkup.tracked())
+        return {"ns": statistics.median(loops), "tracked": tracked}
 
     def op_callbacks(self, n: int) -> dict[str, Any]:
         """The extension's per-cell code timed directly, in ns per call (best of 5).
@@ -799,6 +849,84 @@ def measure_repair(shell: Shell, monitor: Monitor, rounds: int) -> list[Row]:
     ]
 
 
+SCALING_TARGET_US = 5.0  # both callbacks per cell, whatever the number of connections
+SCALING_RATIO_TARGET = 2.0  # the largest N against N = 1
+
+
+def measure_scaling(
+    env: dict[str, str], spec: dict[str, Any], counts: list[int], cells: int, rounds: int
+) -> list[Row]:
+    """Per-cell cost with N connections (aliases, then live threads) against N = 1.
+
+    The N = 1 shell lives throughout; each larger N gets its own shell, which takes
+    turns with it (ABBA) and is closed before the next, so that at most 1 + N + 1
+    connections are open at once.  Figures are medians over the rounds.
+    """
+    rows = []
+    for mode in ("aliases", "threads"):
+        base = Shell(f"{mode}=1", {**spec, "load": True, mode: 1}, env)
+        try:
+            for n in counts:
+                other = base if n == 1 else Shell(f"{mode}={n}", {**spec, mode: n}, env)
+                try:
+                    rows += _scaling_pair(mode, base, other, n=n, cells=cells, rounds=rounds)
+                finally:
+                    if other is not base:
+                        other.close()
+        finally:
+            base.close()
+    return rows
+
+
+def _scaling_pair(
+    mode: str, base: Shell, other: Shell, *, n: int, cells: int, rounds: int
+) -> list[Row]:
+    def step(shell: Shell) -> Callable[[], dict[str, float]]:
+        def measure() -> dict[str, float]:
+            cell = shell.call("cells", code="pass", n=cells)["median"]
+            timed = shell.call("percell", n=cells)
+            return {"cell": cell, "callbacks": timed["ns"], "tracked": timed["tracked"]}
+
+        return measure
+
+    steps = [("1", step(base))] + ([] if other is base else [(str(n), step(other))])
+    for _, measure in steps:
+        measure()  # warm-up
+    results = _interleaved(steps, rounds)
+    median = {
+        k: {
+            part: statistics.median(r[part] for r in v) for part in ("cell", "callbacks", "tracked")
+        }
+        for k, v in results.items()
+    }
+    mine = median[str(n)] if n != 1 else median["1"]
+    what = "alias" if mode == "aliases" else "live thread"
+    label = f"{n} {what}{'es' if mode == 'aliases' and n != 1 else ''}"
+    if mode == "threads":
+        label = f"{n} live thread{'s' if n != 1 else ''} (+ the shell's own)"
+    ratio = mine["callbacks"] / median["1"]["callbacks"]
+    over_us = mine["callbacks"] / 1000 > SCALING_TARGET_US
+    verdict = judged(ratio, SCALING_RATIO_TARGET) if n != 1 else ""
+    if over_us:
+        verdict = f"over {SCALING_TARGET_US} us"
+    return [
+        Row(
+            f"4 {label}: callbacks / cell (µs)",
+            us(median["1"]["callbacks"]),
+            us(mine["callbacks"]),
+            f"{ratio:.2f}x",
+            f"<= {SCALING_RATIO_TARGET}x, <= {SCALING_TARGET_US} us",
+            verdict or "PASS",
+            notes=[
+                f"whole empty cell: {us(median['1']['cell'])} µs with 1, "
+                f"{us(mine['cell'])} µs with {n} "
+                f"({mine['cell'] / median['1']['cell']:.2f}x); "
+                f"{mine['tracked']:.0f} open connections tracked"
+            ],
+        )
+    ]
+
+
 def print_table(title: list[str], rows: list[Row], columns: tuple[str, str]) -> None:
     header = Row("measure", *columns, "ratio", "target", "")
     widths = [
@@ -844,6 +972,44 @@ def database(backend: str, scratch: Path) -> Iterator[Monitor]:
             monitor.close()
 
 
+def run_scaling(args: argparse.Namespace) -> list[Row]:
+    counts = sorted(set([1, *args.connections]))
+    cells = args.cells or (200 if args.quick else 1000)
+    rounds = args.rounds or (2 if args.quick else 6)
+    driver = DRIVERS[args.backend]
+    scratch = Path(tempfile.mkdtemp(prefix="ipy_dbreset_bench_"))
+    try:
+        with database(args.backend, scratch) as monitor:
+            env = _environment(monitor, scratch)
+            migrate(env)
+            rows = measure_scaling(env, {"driver": driver, "load": True}, counts, cells, rounds)
+            print_table(
+                [
+                    f"ipy_dbreset per-cell cost vs connections: {args.backend} "
+                    f"({_versions(driver)})",
+                    f"both callbacks around a healthy empty cell (hot loop, median of 7) and "
+                    f"the whole cell; {cells} cells x {rounds} rounds, interleaved with N = 1",
+                ],
+                rows,
+                ("N = 1", "N"),
+            )
+            return rows
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _environment(monitor: Monitor, scratch: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
+    env.update(
+        IPY_DBRESET_DEMO_DB=monitor.url,
+        IPY_DBRESET_DEMO_OTHER=str(scratch / "other.sqlite3"),
+        IPYTHONDIR=str(scratch / "ipython"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    env.pop("IPY_DBRESET_DEMO_POOL", None)
+    return env
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     quick = args.quick
     cells = args.cells or (200 if quick else 2000)
@@ -855,14 +1021,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     shells: list[Shell] = []
     try:
         with database(args.backend, scratch) as monitor:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
-            env.update(
-                IPY_DBRESET_DEMO_DB=monitor.url,
-                IPY_DBRESET_DEMO_OTHER=str(scratch / "other.sqlite3"),
-                IPYTHONDIR=str(scratch / "ipython"),
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            )
-            env.pop("IPY_DBRESET_DEMO_POOL", None)
+            env = _environment(monitor, scratch)
             migrate(env)
             spec = {"driver": driver, "load": False}
             bare = Shell("bare", spec, env)
@@ -920,6 +1079,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (for CI)")
     parser.add_argument("--cells", type=int, help="cells per round (default 2000, quick 200)")
     parser.add_argument("--rounds", type=int, help="rounds per shell (default 12, quick 3)")
+    parser.add_argument(
+        "--connections",
+        type=lambda text: [int(n) for n in text.split(",")],
+        metavar="N[,N...]",
+        help=(
+            "scaling mode: per-cell cost with N connections (aliases, then live threads) "
+            "against 1, e.g. 16,32 (each N opens N+2 connections at once)"
+        ),
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -928,8 +1096,13 @@ def main(argv: list[str] | None = None) -> int:
     if (args.cells is not None and args.cells < 1) or (args.rounds is not None and args.rounds < 1):
         parser.error("--cells and --rounds must be at least 1")
     started = time.monotonic()
+    if args.connections is not None and min(args.connections) < 1:
+        parser.error("--connections takes counts of at least 1")
     try:
-        run(args)
+        if args.connections is not None:
+            run_scaling(args)
+        else:
+            run(args)
     except BenchmarkBroken as exc:
         print(f"benchmark broken: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import Error
 
-from ipy_dbreset.drivers import driver_for
+from ipy_dbreset.drivers import Sockets, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge
 from ipy_dbreset.repair import Repair, repair, reset
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     from ipy_dbreset.drivers import FastCheck
-    from ipy_dbreset.tracking import ConnectionTracker, Tracked
+    from ipy_dbreset.tracking import ConnectionTracker, Mark, Tracked
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,15 @@ class Checkup:
         self._fast: list[tuple[BaseDatabaseWrapper, Any, FastCheck]] = []
         self._fast_others: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
         self._fast_version = -1
+        # The fast path's baseline, taken from the two lists above after a
+        # clean full run: each healthy connection's driver connection and check,
+        # by the Mark its queries set, and all their sockets in one set.
+        self._watched: dict[Mark, tuple[Any, FastCheck]] = {}
+        self._sockets = Sockets(())
 
-    def run(self, suspect: bool = False, listen: bool = True) -> list[Repair] | None:
+    def run(
+        self, suspect: bool = False, listen: bool = True, failed: bool = False
+    ) -> list[Repair] | None:
         """Repair what is broken and return what was done.
 
         ``None`` means every connection was healthy and nothing was left out;
@@ -103,37 +110,94 @@ class Checkup:
 
         ``suspect`` asks for a liveness check of the shell thread's connections
         even when nothing local hints at trouble (after an interrupt).
-        ``listen=False`` skips looking at the sockets of connections that were
-        healthy last time, for a check right after a cell that raised nothing:
-        what the server sends meanwhile is the next check's business.
+        ``listen=False`` skips looking at the sockets, for a check right after a
+        cell that raised nothing: what the server sends meanwhile is the next
+        check's business.  ``failed`` (the cell raised) re-reads every
+        connection's local state, used or not: an exception can mark an atomic
+        block for rollback without a query.
         """
-        if not suspect and self.healthy(listen):
+        # The hot path, before and after every cell.  A connection's state
+        # changes while it is used, and every query queues its connection's
+        # mark: only those are read again, each with a function built for it.
+        # What the server sent, to any connection, is one system call.  So a
+        # cell costs the same with one connection or a hundred.  Anything
+        # else (new connections, a mark nobody knows, a suspicion) takes the
+        # full path below.
+        if not suspect and self.healthy(listen, failed):
             return None
-        return self._full_run(suspect)
+        return self.check_all(suspect)
 
-    def healthy(self, listen: bool = True) -> bool:
-        """Whether every connection healthy last time still is, by the cheap checks alone.
+    def healthy(self, listen: bool = True, failed: bool = False) -> bool:
+        """The fast path alone: whether every connection is as healthy as last time.
 
-        ``False`` means :meth:`run` has something to look at: a caller that
-        must prepare for a repair (the shell holds back interrupts) does so
-        only then.
+        ``False`` means there is something to look at: call :meth:`check_all`
+        (not :meth:`run`: this call has consumed the marks of the connections
+        used since).  A caller that must prepare for a repair (the shell holds
+        back interrupts) does so only then.
         """
-        # The hot path, before and after every cell: each connection that was
-        # healthy last time is asked one cheap question by a function built for
-        # it.  Any other answer, a new or reconnected connection, a busy one
-        # left for later, or a suspicion, takes the full path.
-        if self._fast_version != self.tracker.version:
+        return self._fast_version == self.tracker.version and self._unchanged(listen, failed)
+
+    def check_all(self, suspect: bool = False) -> list[Repair] | None:
+        """Judge every connection in full and repair the broken ones; see :meth:`run`."""
+        tracker = self.tracker
+        if tracker.used:
+            tracker.take_used()  # the full run reads them all anyway
+        done = self._full_run(suspect)
+        if self._fast_version == tracker.version:
+            self._watch()
+        elif self._watched:  # no baseline until a clean run: keep nothing of the old one
+            self._watched = {}
+            self._sockets.close()
+        return done
+
+    def _unchanged(self, listen: bool, failed: bool) -> bool:
+        """Whether every connection of the baseline is still as healthy as it was."""
+        if self.tracker.used and not self._still_healthy(self.tracker.take_used()):
             return False
-        for wrapper, raw, healthy in self._fast:
-            if wrapper.connection is not raw or wrapper.needs_rollback or not healthy(listen):
+        if failed and not self._still_healthy(self._watched):
+            return False
+        return not (listen and self._sockets.pending())
+
+    def _still_healthy(self, marks: Iterable[Mark]) -> bool:
+        watched = self._watched
+        for mark in list(marks):
+            wrapper = mark.wrapper()
+            if wrapper is None:  # gone with its thread: let its connection go too
+                watched.pop(mark, None)
+                continue
+            entry = watched.get(mark)
+            if entry is None:
                 return False
-        for ref, raw, healthy in self._fast_others:
-            other = ref()  # other threads' connections go with their thread
-            if other is None or other.connection is not raw:
-                return False
-            if other.needs_rollback or not healthy(listen):
+            raw, healthy = entry
+            if wrapper.connection is not raw or wrapper.needs_rollback or not healthy():
                 return False
         return True
+
+    def _watch(self) -> None:
+        """Take the connections the full run found healthy as the fast path's baseline."""
+        watched: dict[Mark, tuple[Any, FastCheck]] = {}
+        filenos = []
+        for wrapper, raw, check in self._fast:
+            mark = self.tracker.mark_of(wrapper)
+            if mark is None:  # not watched for queries: only the full path can judge it
+                self._fast_version = -1
+                return
+            watched[mark] = (raw, check)
+            filenos.append(driver_for(raw).fileno(wrapper))
+        for ref, raw, check in self._fast_others:
+            other = ref()
+            mark = None if other is None else self.tracker.mark_of(other)
+            if other is None or mark is None:
+                self._fast_version = -1
+                return
+            watched[mark] = (raw, check)
+            filenos.append(driver_for(raw).fileno(other))
+        # Kept by mark only, so that another thread's connection is let go
+        # with its wrapper (see Mark.wrapper).
+        self._fast, self._fast_others = [], []
+        self._watched = watched
+        self._sockets.close()
+        self._sockets = Sockets(filenos)
 
     def _full_run(self, suspect: bool) -> list[Repair] | None:
         done: list[Repair] = []
@@ -230,6 +294,10 @@ class Checkup:
         done: list[Repair] = []
         failed: list[Failure] = []
         self.skipped = []
+        # A reset rolls back and closes without running a query, so no mark
+        # tells the fast path; one that failed may leave a connection broken.
+        # The next check reads every connection again.
+        self._fast_version = -1
         for tracked in self.tracker:
             wrapper = tracked.wrapper
             if wanted is not None and wrapper.alias not in wanted:

@@ -81,11 +81,11 @@ class ResetResult(list["Repair"]):
         display(self.notice)
 
 
-def _not_running(suspect: bool, listen: bool) -> None:
+def _not_running(suspect: bool) -> None:
     return None
 
 
-def _nothing_to_check(listen: bool) -> bool:
+def _nothing_to_check(listen: bool, failed: bool) -> bool:
     return True
 
 
@@ -228,8 +228,9 @@ class DBReset(Magics):
         # Set while an interrupt held back before a cell waits for that cell.
         self._stop_cell: _StopCell | None = None
         self._check_before = self._check_after = False
-        self._run: Callable[[bool, bool], list[Repair] | None] = _not_running
-        self._healthy: Callable[[bool], bool] = _nothing_to_check
+        # The checkup's fast path, and its full check (only when the first says no).
+        self._healthy: Callable[[bool, bool], bool] = _nothing_to_check
+        self._check_all: Callable[[bool], list[Repair] | None] = _not_running
         # Said while a kernel started up, before any cell could show it: shown
         # with the first cell's output.
         self._held: list[Notice] = []
@@ -285,8 +286,7 @@ class DBReset(Magics):
         self.checkup = Checkup(
             tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
         )
-        self._run = self.checkup.run
-        self._healthy = self.checkup.healthy
+        self._healthy, self._check_all = self.checkup.healthy, self.checkup.check_all
         self._switches_changed()
         if setup.source != "already set up":
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
@@ -303,7 +303,7 @@ class DBReset(Magics):
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
-            self._run, self._healthy = _not_running, _nothing_to_check
+            self._healthy, self._check_all = _nothing_to_check, _not_running
             self._switches_changed()
         self._forget_cell_state()
         undone = []
@@ -325,6 +325,11 @@ class DBReset(Magics):
                 self._say(Notice(f"unloaded; {'; '.join(undone)}", "info"))
 
     def _psycopg2_interruptible(self, on: bool) -> bool:
+        if not on and not self._set_wait_callback:
+            # Nothing of ours to undo: importing psycopg2 (and psycopg2.extras) to
+            # find that out would cost most of the start-up of a psycopg 3 or
+            # SQLite project, and a callback set by someone else stays as it is.
+            return False
         try:
             from ipy_dbreset.drivers.psycopg2 import make_interruptible
         except ImportError:  # psycopg2 is not installed: nothing to make interruptible
@@ -396,8 +401,8 @@ class DBReset(Magics):
             self._show_held()
         if self._check_before:
             try:
-                if not self._healthy(True):
-                    self._check(False, True, before_cell=True)
+                if not self._healthy(True, False):
+                    self._check(False, before_cell=True)
             except KeyboardInterrupt:  # the user stopped the cell as it began
                 self._pass_on_interrupt(before_cell=True)
 
@@ -409,18 +414,20 @@ class DBReset(Magics):
             error = None if result is None else result.error_in_exec
             # A cell that raised nothing can only have left a trace in the
             # driver's and Django's state; the sockets are for the next check.
-            suspect, listen = isinstance(error, KeyboardInterrupt), error is not None
+            # One that raised may have marked a block for rollback without a query.
+            failed = listen = error is not None
+            suspect = isinstance(error, KeyboardInterrupt)
             try:
-                if suspect or not self._healthy(listen):
-                    self._check(suspect, listen, before_cell=False)
+                if suspect or not self._healthy(listen, failed):
+                    self._check(suspect, before_cell=False)
             except KeyboardInterrupt:  # the cell is over: nothing left to interrupt
                 log.info("ipy_dbreset: interrupt after the cell ignored")
 
-    def _check(self, suspect: bool, listen: bool, *, before_cell: bool) -> None:
+    def _check(self, suspect: bool, *, before_cell: bool) -> None:
         """Check in full; a repair and its notice are done whole, whatever the user presses."""
         with _interrupts_held() as interrupts:
             try:
-                repairs = self._run(suspect, listen)
+                repairs = self._check_all(suspect)
             except RepairFailed as exc:
                 self._failed(exc)
             except KeyboardInterrupt:  # pressed twice: the repair may be half done

@@ -99,6 +99,45 @@ def _reached(wrapper: BaseDatabaseWrapper, current: dict[str, BaseDatabaseWrappe
         return False
 
 
+class Mark:
+    """An ``execute_wrapper`` noting that its connection ran a query since it was last looked at.
+
+    A connection's state (libpq's transaction status, Django's flags) changes
+    while it is used; a connection nobody used since it was judged healthy
+    needs no second look, only its socket, which :class:`~ipy_dbreset.drivers.Sockets`
+    asks about all at once.  So the checkup reads only the connections
+    queued here, and per-cell work does not grow with the number of idle ones.
+    """
+
+    __slots__ = ("__weakref__", "_queue", "used", "wrapper")
+
+    def __init__(self, wrapper: BaseDatabaseWrapper, queue: list[Mark]) -> None:
+        self._queue = queue
+        self.used = False
+        """Queued and not yet taken: a further query need not queue it again."""
+
+        def gone(ref: weakref.ref[BaseDatabaseWrapper]) -> None:
+            self._note()  # its thread has ended: let the checkup drop what it keeps
+
+        self.wrapper: weakref.ref[BaseDatabaseWrapper] = weakref.ref(wrapper, gone)
+        """Weak: another thread's connection goes with its thread."""
+
+    def _note(self) -> None:
+        if not self.used:
+            self.used = True
+            self._queue.append(self)  # atomic: other threads append too
+
+    def __call__(
+        self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
+    ) -> Any:
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            # After the query, not before: a look taken while it runs is
+            # followed by another once it is over.
+            self._note()
+
+
 class ConnectionTracker:
     """Every Django connection of this process that is known to be in use.
 
@@ -121,6 +160,11 @@ class ConnectionTracker:
         self._on_connect: weakref.WeakKeyDictionary[
             BaseDatabaseWrapper, Callable[[BaseDatabaseWrapper], None]
         ] = weakref.WeakKeyDictionary()
+        self._marks: weakref.WeakKeyDictionary[BaseDatabaseWrapper, Mark] = (
+            weakref.WeakKeyDictionary()
+        )  # every tracked connection's Mark, in every thread
+        self.used: list[Mark] = []
+        """Marks of the connections that ran a query since :meth:`take_used`; any thread appends."""
 
     def start(self) -> None:
         """Watch new connections; adopt the home thread's open ones."""
@@ -129,12 +173,20 @@ class ConnectionTracker:
         # one, unconnected); it is adopted by the signal if it ever connects.
         opened = [w for w in connections.all(initialized_only=True) if w.connection is not None]
         self._home.update(opened)
+        for wrapper in self._home:
+            self._mark(wrapper)
         self.version += 1
 
     def stop(self) -> None:
         connection_created.disconnect(dispatch_uid=self._uid)
         self._on_connect.clear()
         self._home.clear()
+        with self._lock:
+            for wrapper, mark in list(self._marks.items()):
+                if mark in wrapper.execute_wrappers:
+                    wrapper.execute_wrappers.remove(mark)
+            self._marks.clear()
+        self.used.clear()
         with self._lock:
             for wrapper, (_, guard) in list(self._others.items()):
                 if guard in wrapper.execute_wrappers:
@@ -152,6 +204,7 @@ class ConnectionTracker:
         action = self._on_connect.pop(connection, None)
         if action is not None:
             action(connection)
+        self._mark(connection)
         thread = threading.current_thread()
         if thread is self.home_thread:
             self._home.add(connection)
@@ -161,6 +214,28 @@ class ConnectionTracker:
                 guard = _Guard()
                 connection.execute_wrappers.append(guard)
                 self._others[connection] = (thread, guard)
+
+    def _mark(self, wrapper: BaseDatabaseWrapper) -> None:
+        with self._lock:
+            if wrapper not in self._marks:
+                mark = self._marks[wrapper] = Mark(wrapper, self.used)
+                # First, so outermost: it sees every query, and Django's
+                # execute_wrapper() context manager, which pops the last
+                # one on exit, never removes it instead of the user's own.
+                wrapper.execute_wrappers.insert(0, mark)
+
+    def mark_of(self, wrapper: BaseDatabaseWrapper) -> Mark | None:
+        return self._marks.get(wrapper)
+
+    def take_used(self) -> list[Mark]:
+        """Empty :attr:`used`; a connection used from now on is queued again."""
+        used = self.used
+        taken = []
+        while used:
+            mark = used.pop()
+            mark.used = False  # before its state is read: a later query queues it again
+            taken.append(mark)
+        return taken
 
     @property
     def home(self) -> list[BaseDatabaseWrapper]:

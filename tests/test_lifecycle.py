@@ -350,3 +350,39 @@ def test_unload_in_a_terminal_says_nothing(sqlite_url: str, tmp_path: Path) -> N
         tmp_path=tmp_path,
     )
     assert "unloaded" not in output and "DONE" in output, output
+
+
+# -- a lean start-up -------------------------------------------------------------
+
+DRIVERS_LOADED = "import sys\nprint('DRIVERS', 'psycopg2' in sys.modules, 'psycopg' in sys.modules)"
+
+
+def test_psycopg3_project_never_imports_psycopg2(postgres_url: str, tmp_path: Path) -> None:
+    """psycopg2, installed alongside, stays unimported: nothing in the session needs it."""
+    session = run_shell(
+        [
+            "%load_ext ipy_dbreset",
+            "from shop.models import Order\nfrom django.db import connection",
+            "Order.objects.count()",
+            "print(type(connection.connection).__module__.split('.')[0])",
+            "1 / 0",  # a failed cell: every connection is judged in full
+            DRIVERS_LOADED,
+        ],
+        DEMO,
+        env=demo_env(postgres_url, tmp_path),
+        tmp_path=tmp_path,
+    )
+    assert [c.ename for c in session.cells] == [None, None, None, None, "ZeroDivisionError", None]
+    assert session[3].stdout.strip() == "psycopg"
+    assert "DRIVERS False True" in session[5].stdout
+
+
+def test_sqlite_project_imports_no_postgres_driver(sqlite_url: str, tmp_path: Path) -> None:
+    session = run_shell(
+        ["%load_ext ipy_dbreset", ORM, "1 / 0", DRIVERS_LOADED],
+        DEMO,
+        env=demo_env(sqlite_url, tmp_path),
+        tmp_path=tmp_path,
+    )
+    assert "ORDERS 0" in session[1].stdout
+    assert "DRIVERS False False" in session[3].stdout

@@ -98,3 +98,18 @@ def test_open_transaction_survives_non_database_error(kernel, sqlite_url, kind):
     assert quiet(kernel.ok(COMMIT[kind]))
     assert committed(sqlite_url) == [1, 2]
     assert kernel.failed == 1
+
+
+def test_open_atomic_block_marked_without_a_query_is_repaired(kernel, sqlite_url):
+    """An error that marks the block for rollback but runs no query is still seen."""
+    kernel.ok("a = transaction.atomic(); a.__enter__(); Order.objects.create(number=1)")
+    failed = kernel.run(
+        "with transaction.mark_for_rollback_on_error():\n    raise ValueError('not the database')"
+    )
+    assert failed.ename == "ValueError"
+    assert len(failed.notices) == 1 and "cleared Django's rollback mark" in failed.notices[0]
+    after = kernel.ok("Order.objects.count()")
+    assert after.value() == 1 and quiet(after)
+    kernel.ok("a.__exit__(None, None, None)")
+    assert committed(sqlite_url) == [1]
+    assert kernel.failed == 1

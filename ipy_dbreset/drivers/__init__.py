@@ -14,7 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -30,7 +30,7 @@ class Transaction(Enum):
 
 
 class FastCheck(Protocol):
-    def __call__(self, listen: bool = True) -> bool: ...
+    def __call__(self) -> bool: ...
 
 
 class Liveness(Enum):
@@ -80,12 +80,15 @@ class Driver(Protocol):
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         """A function answering "still healthy?" for the current driver connection.
 
-        It runs before and after every cell, so it is built once per connection
-        with everything it needs bound, and does the least that is sound:
-        libpq's transaction status and, with ``listen`` (the default), a
-        zero-timeout poll of the socket for anything the server sent.
-        Anything but a plain yes sends the caller to :meth:`link` and friends.
+        It runs after a connection was used, so it is built once per connection
+        with everything it needs bound, and reads local state only (libpq's
+        transaction status): what the server sent is asked of every socket at
+        once, through :class:`Sockets` and :meth:`fileno`.  Anything but a
+        plain yes sends the caller to :meth:`link` and friends.
         """
+
+    def fileno(self, wrapper: BaseDatabaseWrapper) -> int:
+        """The socket of ``wrapper.connection``, or -1 if it has none (or no longer)."""
 
 
 def _gone(timeout: int) -> list[tuple[int, int]]:
@@ -105,8 +108,58 @@ def poller(fileno: int) -> Callable[[int], list[tuple[int, int]]]:
     return watcher.poll
 
 
-def always_healthy(listen: bool = True) -> bool:
+def always_healthy() -> bool:
     return True
+
+
+class Sockets:
+    """Many sockets asked at once whether the server sent anything or hung up.
+
+    The set is registered with the kernel once (an ``epoll`` set on Linux, a
+    ``poll`` set elsewhere) and kept: each question is then one system call,
+    whatever the number of sockets, and on Linux its cost does not grow with
+    it.  An ``epoll`` set forgets a socket that is closed; that happens only
+    while the connection is used (the driver reads EOF), which the caller
+    watches for otherwise.
+    """
+
+    _MASK = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+
+    def __init__(self, filenos: Iterable[int]) -> None:
+        wanted = sorted({fileno for fileno in filenos if fileno >= 0})
+        self._epoll: select.epoll | None = None
+        self._poll: Callable[[int], list[tuple[int, int]]] = _nothing
+        if not wanted:
+            return
+        if hasattr(select, "epoll"):
+            epoll = select.epoll()
+            try:
+                for fileno in wanted:
+                    epoll.register(fileno, self._MASK)
+            except OSError:  # not a pollable file after all: let poll() say so
+                epoll.close()
+            else:
+                self._epoll = epoll
+                self._poll = epoll.poll
+                return
+        watcher = select.poll()
+        for fileno in wanted:
+            watcher.register(fileno, self._MASK)
+        self._poll = watcher.poll
+
+    def pending(self) -> bool:
+        """Whether any socket has input, has hung up or failed (a zero-timeout poll)."""
+        return bool(self._poll(0))
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        self._poll = _nothing
+
+
+def _nothing(timeout: int) -> list[tuple[int, int]]:
+    return []
 
 
 def readable(fileno: int) -> bool:

@@ -33,3 +33,6 @@ class Generic:
 
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         return always_healthy  # only Django's own flags can say otherwise
+
+    def fileno(self, wrapper: BaseDatabaseWrapper) -> int:
+        return -1  # a file (sqlite3) cannot hang up; an unknown driver is not looked into

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import MySQLdb
 from MySQLdb.constants import CR
 
-from ipy_dbreset.drivers import FastCheck, Link, Liveness, Transaction, poller, readable
+from ipy_dbreset.drivers import FastCheck, Link, Liveness, Transaction, readable
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -57,13 +57,16 @@ class MySQLClient:
 
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         raw = wrapper.connection
-        poll = poller(raw.fileno())
 
-        def healthy(listen: bool = True) -> bool:
+        def healthy() -> bool:
             # A previous error may have been "server has gone away": check it.
-            return bool(raw.open) and not wrapper.errors_occurred and not (listen and poll(0))
+            return bool(raw.open) and not wrapper.errors_occurred
 
         return healthy
+
+    def fileno(self, wrapper: BaseDatabaseWrapper) -> int:
+        raw = wrapper.connection
+        return int(raw.fileno()) if raw is not None and raw.open else -1
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         raw = wrapper.connection

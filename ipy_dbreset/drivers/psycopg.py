@@ -13,7 +13,6 @@ from ipy_dbreset.drivers import (
     Liveness,
     Transaction,
     libpq_transaction,
-    poller,
     readable,
 )
 
@@ -71,17 +70,25 @@ class Psycopg:
 
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         pgconn = wrapper.connection.pgconn
-        poll = poller(pgconn.socket)
         usable = frozenset((pq.TransactionStatus.IDLE, pq.TransactionStatus.INTRANS))
 
-        def healthy(listen: bool = True) -> bool:
+        def healthy() -> bool:
             try:
                 status = pgconn.transaction_status  # UNKNOWN once the connection is bad
             except psycopg.Error:
                 return False
-            return status in usable and not (listen and poll(0))
+            return status in usable
 
         return healthy
+
+    def fileno(self, wrapper: BaseDatabaseWrapper) -> int:
+        raw = wrapper.connection
+        if raw is None or raw.closed:
+            return -1
+        try:
+            return int(raw.pgconn.socket)
+        except psycopg.Error:  # libpq has dropped the socket already
+            return -1
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         raw = wrapper.connection

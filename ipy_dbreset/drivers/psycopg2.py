@@ -13,7 +13,6 @@ from ipy_dbreset.drivers import (
     Liveness,
     Transaction,
     libpq_transaction,
-    poller,
     readable,
 )
 
@@ -66,7 +65,6 @@ class Psycopg2:
 
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         raw = wrapper.connection
-        poll = poller(raw.fileno())
         status = raw.get_transaction_status
         usable = frozenset(
             (
@@ -75,12 +73,16 @@ class Psycopg2:
             )
         )
 
-        def healthy(listen: bool = True) -> bool:
+        def healthy() -> bool:
             if raw.closed:
                 return False
-            return status() in usable and not (listen and poll(0))
+            return status() in usable
 
         return healthy
+
+    def fileno(self, wrapper: BaseDatabaseWrapper) -> int:
+        raw = wrapper.connection
+        return -1 if raw is None or raw.closed else int(raw.fileno())
 
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         raw = wrapper.connection
