@@ -123,12 +123,27 @@ class Checkup:
         # cell costs the same with one connection or a hundred.  Anything
         # else (new connections, a mark nobody knows, a suspicion) takes the
         # full path below.
-        tracker = self.tracker
-        # The look before each query (ipy_dbreset.preflight) may have something to say.
-        early = tracker.preflight.found
-        fast = not suspect and self._fast_version == tracker.version and not early
-        if fast and self._unchanged(listen, failed):
+        if not suspect and self.healthy(listen, failed):
             return None
+        return self.check_all(suspect)
+
+    def healthy(self, listen: bool = True, failed: bool = False) -> bool:
+        """The fast path alone: whether every connection is as healthy as last time.
+
+        ``False`` means there is something to look at: call :meth:`check_all`
+        (not :meth:`run`: this call has consumed the marks of the connections
+        used since).  A caller that must prepare for a repair (the shell holds
+        back interrupts) does so only then.
+        """
+        tracker = self.tracker
+        # What the look before each query did (ipy_dbreset.preflight) is for check_all to say.
+        if tracker.preflight.found:
+            return False
+        return self._fast_version == tracker.version and self._unchanged(listen, failed)
+
+    def check_all(self, suspect: bool = False) -> list[Repair] | None:
+        """Judge every connection in full and repair the broken ones; see :meth:`run`."""
+        tracker = self.tracker
         if tracker.used:
             tracker.take_used()  # the full run reads them all anyway
         done = self._full_run(suspect)
@@ -137,7 +152,7 @@ class Checkup:
         elif self._watched:  # no baseline until a clean run: keep nothing of the old one
             self._watched = {}
             self._sockets.close()
-        return self._with_preflight(done) if early else done
+        return self._with_preflight(done) if tracker.preflight.found else done
 
     def _unchanged(self, listen: bool, failed: bool) -> bool:
         """Whether every connection of the baseline is still as healthy as it was."""
@@ -245,8 +260,8 @@ class Checkup:
     def _with_preflight(self, repairs: list[Repair] | None) -> list[Repair]:
         """Add what was done or seen just before queries since the last check.
 
-        A connection this check repaired itself is left to its own notice,
-        which says the same, later.
+        A connection this check repaired itself gets only the check's own
+        notice, which names the same loss.
         """
         done = repairs or []
         repaired = {(r.alias, r.thread) for r in done}
@@ -299,6 +314,10 @@ class Checkup:
         done: list[Repair] = []
         failed: list[Failure] = []
         self.skipped = []
+        # A reset rolls back and closes without running a query, so no mark
+        # tells the fast path; one that failed may leave a connection broken.
+        # The next check reads every connection again.
+        self._fast_version = -1
         for tracked in self.tracker:
             wrapper = tracked.wrapper
             if wanted is not None and wrapper.alias not in wanted:
@@ -316,6 +335,8 @@ class Checkup:
                     failed.append(Failure(*key, _error(exc)))
                     continue
             if result is not None:
+                if result.keep_manual:
+                    self.tracker.when_connected(wrapper, _manual_transactions)
                 self._told.discard(key)
                 self.last[wrapper] = result
                 done.append(result)

@@ -20,11 +20,13 @@ Configure it like any IPython extension, with ``%config`` or in
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import signal
 import sys
 import threading
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
@@ -39,8 +41,9 @@ from ipy_dbreset.display import Notice, Table, repair_notice
 
 if TYPE_CHECKING:
     from argparse import Namespace
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
+    from IPython.core.displayhook import DisplayHook
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
@@ -53,7 +56,11 @@ _EVENTS = ("pre_run_cell", "post_run_cell")
 
 
 class ResetResult(list["Repair"]):
-    """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset."""
+    """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset.
+
+    Shown later (``result`` alone in a cell), it shows the notice; the cell that
+    ran the magic does not show it as its output (see :meth:`DBReset.dbreset`).
+    """
 
     def __init__(
         self,
@@ -69,18 +76,65 @@ class ResetResult(list["Repair"]):
         """(alias, thread) of the connections left alone because their thread was using them."""
         self.failed = failed or []
         """The connections that could not be reset, with the database's error."""
-        self.echoed = False
 
     def _ipython_display_(self) -> None:
-        # The magic has shown the notice already; do not show it twice as Out[n].
-        if self.echoed:
-            self.echoed = False
-            return
         display(self.notice)
 
 
-def _not_running(suspect: bool, listen: bool, failed: bool) -> None:
+def _not_running(suspect: bool) -> None:
     return None
+
+
+def _nothing_to_check(listen: bool, failed: bool) -> bool:
+    return True
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[list[int]]:
+    """Hold back SIGINT (Ctrl-C, the stop button) until the block is done.
+
+    Yields the signals received meanwhile; what they interrupt is the caller's
+    choice, once the block is over.  A second SIGINT is not held back: the user
+    would rather stop a repair that hangs (a network gone silent) than wait.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # Python runs signal handlers in the main thread only
+        return
+
+    def hold(signum: int, frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _StopCell(ast.NodeTransformer):
+    """Turn the next cell into ``raise KeyboardInterrupt`` at its first line.
+
+    How an interrupt held back during the checks before a cell reaches that
+    cell: as if it had arrived before the first statement ran.  Raised from a
+    ``pre_run_cell`` callback it would be reported as the callback's error
+    and the cell would run anyway.
+    """
+
+    def __init__(self) -> None:
+        self.used = False  # one cell only (a cell may run cells of its own)
+
+    def visit(self, node: ast.AST) -> ast.AST:
+        if self.used or not isinstance(node, ast.Module):
+            return node
+        self.used = True
+        stop = ast.Raise(exc=ast.Name(id="KeyboardInterrupt", ctx=ast.Load()), cause=None)
+        if node.body:
+            ast.copy_location(stop, node.body[0])
+        node.body = [stop]
+        return ast.fix_missing_locations(node)
 
 
 class _Verbosity(Int):  # type: ignore[type-arg]
@@ -168,9 +222,15 @@ class DBReset(Magics):
         self.checkup: Checkup | None = None
         self._set_async_unsafe = False
         self._set_wait_callback = False
-        self._last_reset: ResetResult | None = None
+        # The displayhook that %dbreset set aside for the rest of its cell (see dbreset).
+        self._displayhook: DisplayHook | None = None
+        self._hidden: list[ResetResult] = []  # what it keeps from showing as Out[n]
+        # Set while an interrupt held back before a cell waits for that cell.
+        self._stop_cell: _StopCell | None = None
         self._check_before = self._check_after = False
-        self._run: Callable[[bool, bool, bool], list[Repair] | None] = _not_running
+        # The checkup's fast path, and its full check (only when the first says no).
+        self._healthy: Callable[[bool, bool], bool] = _nothing_to_check
+        self._check_all: Callable[[bool], list[Repair] | None] = _not_running
         # Said while a kernel started up, before any cell could show it: shown
         # with the first cell's output.
         self._held: list[Notice] = []
@@ -226,7 +286,7 @@ class DBReset(Magics):
         self.checkup = Checkup(
             tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
         )
-        self._run = self.checkup.run
+        self._healthy, self._check_all = self.checkup.healthy, self.checkup.check_all
         self._switches_changed()
         if setup.source != "already set up":
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
@@ -239,17 +299,30 @@ class DBReset(Magics):
         self._apply_interruptible()
 
     def stop(self) -> None:
+        """Stop watching connections and undo what :meth:`start` changed, saying what."""
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
+            self._healthy, self._check_all = _nothing_to_check, _not_running
             self._switches_changed()
+        self._forget_cell_state()
+        undone = []
         if self._set_async_unsafe:
             from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
 
             os.environ.pop(ASYNC_UNSAFE_VARIABLE, None)
             self._set_async_unsafe = False
-        if self._set_wait_callback:
-            self._psycopg2_interruptible(False)
+            undone.append(
+                f"{ASYNC_UNSAFE_VARIABLE} removed, so ORM calls in cells raise "
+                "SynchronousOnlyOperation again"
+            )
+        if self._set_wait_callback and self._psycopg2_interruptible(False):
+            undone.append("psycopg2's wait callback removed: the stop button waits for queries")
+        if undone:
+            # The process is not as it was while loaded: the next ORM call may fail.
+            log.info("ipy_dbreset: unloaded; %s", "; ".join(undone))
+            if self.verbosity >= 1:
+                self._say(Notice(f"unloaded; {'; '.join(undone)}", "info"))
 
     def _psycopg2_interruptible(self, on: bool) -> bool:
         if not on and not self._set_wait_callback:
@@ -328,32 +401,70 @@ class DBReset(Magics):
             self._show_held()
         if self._check_before:
             try:
-                repairs = self._run(False, True, False)
-            except RepairFailed as exc:
-                self._failed(exc)
-                return
-            if repairs is not None:
-                self._report(repairs)
+                if not self._healthy(True, False):
+                    self._check(False, before_cell=True)
+            except KeyboardInterrupt:  # the user stopped the cell as it began
+                self._pass_on_interrupt(before_cell=True)
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
-        if self._last_reset is not None:
-            self._last_reset.echoed = False
-            self._last_reset = None
+        if self._displayhook is not None or self._stop_cell is not None:
+            self._forget_cell_state()
         if self._check_after:
             error = None if result is None else result.error_in_exec
+            # A cell that raised nothing can only have left a trace in the
+            # driver's and Django's state; the sockets are for the next check.
+            # One that raised may have marked a block for rollback without a query.
+            failed = listen = error is not None
+            suspect = isinstance(error, KeyboardInterrupt)
             try:
-                # A cell that raised nothing can only have left a trace in the
-                # driver's and Django's state; the sockets are for the next check.
-                if error is None:
-                    repairs = self._run(False, False, False)
-                else:
-                    repairs = self._run(isinstance(error, KeyboardInterrupt), True, True)
+                if suspect or not self._healthy(listen, failed):
+                    self._check(suspect, before_cell=False)
+            except KeyboardInterrupt:  # the cell is over: nothing left to interrupt
+                log.info("ipy_dbreset: interrupt after the cell ignored")
+
+    def _check(self, suspect: bool, *, before_cell: bool) -> None:
+        """Check in full; a repair and its notice are done whole, whatever the user presses."""
+        with _interrupts_held() as interrupts:
+            try:
+                repairs = self._check_all(suspect)
             except RepairFailed as exc:
                 self._failed(exc)
+            except KeyboardInterrupt:  # pressed twice: the repair may be half done
+                self._say(Notice("interrupted before the repair was done; run %dbreset", "error"))
+            else:
+                if repairs is not None:
+                    self._report(repairs)
+        if interrupts:
+            self._pass_on_interrupt(before_cell=before_cell)
+
+    def _pass_on_interrupt(self, *, before_cell: bool) -> None:
+        """Let an interrupt held back (or caught) in a callback stop what it was meant to."""
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            # Not KeyboardInterrupt: the shell has its own way (ipykernel cancels
+            # a cell with top-level await), which only it knows how to finish.
+            try:
+                handler(signal.SIGINT, None)
                 return
-            if repairs is not None:
-                self._report(repairs)
+            except KeyboardInterrupt:
+                pass
+        if before_cell and self.shell is not None:
+            self._stop_cell = _StopCell()
+            self.shell.ast_transformers.append(self._stop_cell)
+        else:
+            log.info("ipy_dbreset: interrupt after the cell ignored")
+
+    def _forget_cell_state(self) -> None:
+        """Undo what lasts only for one cell (a displayhook set aside, a cell to stop)."""
+        if self._displayhook is not None:
+            if getattr(sys.displayhook, "__self__", None) is self:  # not put back by the cell
+                sys.displayhook = self._displayhook
+            self._displayhook, self._hidden = None, []
+        if self._stop_cell is not None:
+            if self.shell is not None and self._stop_cell in self.shell.ast_transformers:
+                self.shell.ast_transformers.remove(self._stop_cell)
+            self._stop_cell = None
 
     @observe("auto_repair", "check_before_cell")
     def _switches_changed(self, change: Bunch | None = None) -> None:
@@ -459,9 +570,36 @@ class DBReset(Magics):
         # A failure is said even with -q: the connection is still broken.
         if not args.quiet or failed:
             self._say(notice)
-            result.echoed = True
-            self._last_reset = result
+        self._not_as_output(result)
         return result
+
+    def _not_as_output(self, result: ResetResult) -> None:
+        """Keep this cell from showing ``result`` as its output if it ends with the magic.
+
+        The notice is said already (or unwanted, ``-q``).  Even a result that
+        displays nothing gets an empty ``Out[n]:`` line in a terminal: the
+        displayhook writes the prompt before it formats.  So, for the rest of
+        the cell, ``sys.displayhook`` skips ``result`` and passes every other
+        value on (the cell's display trap puts the shell's own back after it).
+        """
+        if getattr(sys.displayhook, "__self__", None) is self:
+            self._hidden.append(result)  # another %dbreset in the same cell
+        elif self.shell is not None and sys.displayhook is self.shell.displayhook:
+            # (otherwise not in a cell: there is no Out[n] to keep quiet)
+            self._displayhook, self._hidden = self.shell.displayhook, [result]
+            sys.displayhook = self._display_unless_hidden
+
+    def _display_unless_hidden(self, value: object) -> None:
+        hook = self._displayhook
+        if hook is None:  # the cell is over; only a stray reference calls this
+            sys.__displayhook__(value)
+        elif value is None or not any(value is hidden for hidden in self._hidden):
+            hook(value)
+        elif not hook.quiet():
+            # What DisplayHook.__call__ (IPython 8, 9) does besides showing the
+            # value: _, Out[n] and the cell's result stay as usual.
+            hook.update_user_ns(value)
+            hook.fill_exec_result(value)
 
     @magic_arguments()
     @argument(

@@ -324,6 +324,11 @@ def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair 
     def act() -> Repair:
         with borrowed(wrapper):
             work = open_work(wrapper)
+            # The user's mode, from Django's own flags: autocommit off outside
+            # atomic blocks, or an outermost block entered with it off (Atomic
+            # then leaves commit_on_exit False and autocommit alone).
+            manual = wrapper.connection is not None and not wrapper.autocommit
+            manual = manual and (not wrapper.in_atomic_block or not wrapper.commit_on_exit)
             if wrapper.connection is None or judge(wrapper) is not None:
                 # Nothing in it can be committed any more; do not try.
                 _drop(wrapper)
@@ -343,6 +348,8 @@ def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair 
                 "requested",
                 lost=f"{work} (rolled back)" if work else None,
                 thread=thread,
+                hint="autocommit stays off, as you had it" if manual else None,
+                keep_manual=manual,
             )
 
     done = outside_event_loop(act)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +44,7 @@ PG_USER = os.environ.get("IPY_DBRESET_TEST_PG_USER", "postgres")
 MYSQL_HOST = os.environ.get("IPY_DBRESET_TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("IPY_DBRESET_TEST_MYSQL_PORT", "3306"))
 MYSQL_USER = os.environ.get("IPY_DBRESET_TEST_MYSQL_USER", "root")
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"  # Debian puts it in sbin
 
 
 def unavailable(why: str) -> None:
@@ -144,6 +147,148 @@ def terminate_backends(dbname: str) -> int:
         (dbname,),
     )
     return len(rows)
+
+
+# -- PgBouncer ------------------------------------------------------------------
+
+PGBOUNCER_CONFIG = """\
+[databases]
+{dbname} = host={host} port={port} dbname={dbname}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {listen}
+unix_socket_dir =
+auth_type = trust
+auth_file = {auth_file}
+admin_users = {user}
+pool_mode = {mode}
+default_pool_size = 2
+max_client_conn = 10
+logfile =
+pidfile =
+"""
+
+
+class Bouncer:
+    """A PgBouncer of the test's own, in front of one database of the PostgreSQL server.
+
+    It listens on a free port of its own, in ``mode`` (``"session"`` or
+    ``"transaction"``) pooling, and logs to ``pgbouncer.log`` in ``folder``.
+    PgBouncer refuses to run as root: as root it is started with ``-u nobody``,
+    which drops to that user once the configuration is read.
+    """
+
+    def __init__(self, folder: Path, dbname: str, mode: str) -> None:
+        self.dbname = dbname
+        self.mode = mode
+        with socket.socket() as probe:  # a port nobody listens on; kept across restarts
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        auth_file = folder / "pgbouncer-users.txt"
+        auth_file.write_text(f'"{PG_USER}" ""\n')
+        self.config = folder / "pgbouncer.ini"
+        self.config.write_text(
+            PGBOUNCER_CONFIG.format(
+                dbname=dbname,
+                host=PG_HOST,
+                port=PG_PORT,
+                listen=self.port,
+                auth_file=auth_file,
+                user=PG_USER,
+                mode=mode,
+            )
+        )
+        self.log = folder / "pgbouncer.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The database's URL through the pooler, as the demo settings read it."""
+        url = f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{self.dbname}"
+        # Django's server-side cursors (iterator()) outlive the transaction that
+        # opened them: under transaction pooling they must be off.
+        return url + "?disable_server_side_cursors=1" if self.mode == "transaction" else url
+
+    def start(self) -> None:
+        assert self.process is None, "PgBouncer is already running"
+        as_root = ["-u", "nobody"] if os.geteuid() == 0 else []
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [PGBOUNCER, *as_root, str(self.config)], stdout=log, stderr=log
+            )
+        wait_for(self._answers, f"PgBouncer listening on port {self.port}")
+
+    def stop(self) -> None:
+        """SIGTERM (immediate shutdown: every client is disconnected); wait until it exits."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        assert self.process.poll() is None, f"PgBouncer exited:\n{self.log.read_text()}"
+        import psycopg2
+
+        try:
+            self.show("version")
+        except psycopg2.OperationalError:  # not listening yet
+            return False
+        return True
+
+    def show(self, what: str) -> list[dict[str, object]]:
+        """``SHOW what`` on PgBouncer's admin console, one dict per row."""
+        import psycopg2  # the console speaks only the simple query protocol
+
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user=PG_USER, dbname="pgbouncer", connect_timeout=5
+        )
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute(f"show {what}")
+                names = [column.name for column in cursor.description or ()]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        finally:
+            conn.close()
+
+    def clients(self) -> list[dict[str, object]]:
+        """The client connections to our database (the admin console's own is not one)."""
+        return [row for row in self.show("clients") if row["database"] == self.dbname]
+
+    def servers(self) -> list[dict[str, object]]:
+        """The pooler's connections to the PostgreSQL server."""
+        return [row for row in self.show("servers") if row["database"] == self.dbname]
+
+
+@pytest.fixture
+def pool_mode() -> str:
+    """PgBouncer's pooling mode for :func:`pgbouncer`; tests parametrize it."""
+    return "session"
+
+
+@pytest.fixture
+def pgbouncer(
+    postgres_url: str, postgres_db: str, tmp_path: Path, pool_mode: str
+) -> Iterator[Bouncer]:
+    """A running PgBouncer in front of the session's database (``shop_order`` empty).
+
+    ``.url`` is the database's URL through it; it is stopped afterwards.
+    """
+    if not os.path.exists(PGBOUNCER):
+        unavailable(f"PgBouncer is not installed ({PGBOUNCER}; apt-get install pgbouncer)")
+    bouncer = Bouncer(tmp_path, postgres_db, pool_mode)
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.stop()
 
 
 # -- MariaDB / MySQL ----------------------------------------------------------

@@ -13,12 +13,13 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
+import pytest
+
 from harness import DEMO, clean_env, run, run_shell
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import pytest
     from IPython.core.interactiveshell import InteractiveShell
 
 # Prints what the extension registered, as the last line of output.
@@ -321,6 +322,34 @@ def test_async_unsafe_opt_out(
     assert os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE") == "true"
     run_in_event_loop(bare_shell, "%config DBReset.allow_async_unsafe = False")
     assert "DJANGO_ALLOW_ASYNC_UNSAFE" not in os.environ
+
+
+@pytest.mark.kernel
+@pytest.mark.postgres
+def test_unload_in_a_kernel_says_what_it_undid(start_kernel, postgres_url) -> None:
+    kernel = start_kernel(postgres_url, "psycopg2")
+    kernel.ok("%config DBReset.interruptible_psycopg2 = True")
+    unloaded = kernel.ok("%unload_ext ipy_dbreset")
+    assert len(unloaded.notices) == 1, unloaded.shown
+    said = unloaded.notices[0]
+    assert said.startswith("ipy_dbreset: unloaded; DJANGO_ALLOW_ASYNC_UNSAFE removed"), said
+    assert "SynchronousOnlyOperation" in said and "wait callback" in said, said
+    # ... which is what the next ORM call meets.
+    assert kernel.run("Order.objects.count()").ename == "SynchronousOnlyOperation"
+    # Loading again puts it back, and unloading says so once more.
+    kernel.ok("%load_ext ipy_dbreset")
+    assert kernel.ok("Order.objects.count()").value() == 0
+    assert "DJANGO_ALLOW_ASYNC_UNSAFE" in kernel.ok("%unload_ext ipy_dbreset").notices[0]
+
+
+def test_unload_in_a_terminal_says_nothing(sqlite_url: str, tmp_path: Path) -> None:
+    output = ipython(
+        [],
+        "%load_ext ipy_dbreset\n%unload_ext ipy_dbreset\nprint('DONE')",
+        env=demo_env(sqlite_url, tmp_path),
+        tmp_path=tmp_path,
+    )
+    assert "unloaded" not in output and "DONE" in output, output
 
 
 # -- a lean start-up -------------------------------------------------------------

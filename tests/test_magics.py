@@ -8,13 +8,17 @@ are broken for real (a connection closed inside an open atomic block).
 from __future__ import annotations
 
 import logging
+import re
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
 
-from harness import run
+from harness import DEMO, run
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from IPython.core.interactiveshell import InteractiveShell
 
     from harness import Cell
@@ -289,3 +293,62 @@ def test_no_output_shows_the_database_password(start_kernel, postgres_url, postg
     everything = "\n".join(cell.shown + "\n".join(cell.htmls) for cell in kernel.cells)
     assert "127.0.0.1" in everything  # %dbstatus did show where it connects
     assert SECRET not in everything
+
+
+# -- %dbreset in a kernel and in a terminal -----------------------------------------
+
+
+@pytest.mark.kernel
+def test_dbreset_says_its_notice_once_and_q_nothing_in_a_kernel(start_kernel, sqlite_url) -> None:
+    kernel = start_kernel(sqlite_url)
+    kernel.ok("connection.ensure_connection()")
+    quiet = kernel.ok("%dbreset -q")
+    assert (quiet.stdout, quiet.stderr, quiet.texts) == ("", "", []), quiet.shown
+    kernel.ok("connection.ensure_connection()")
+    said = kernel.ok("%dbreset")
+    assert len(said.texts) == 1 and said.texts[0].startswith("ipy_dbreset: default: reset")
+    # The result is still there for code, and shows its notice when asked for.
+    kernel.ok("connection.ensure_connection()")
+    assert kernel.ok("result = %dbreset -q").texts == []
+    assert kernel.ok("[repair.alias for repair in result]").value() == ["default"]
+    assert kernel.ok("result").notices[0].startswith("ipy_dbreset: default: reset")
+
+
+@pytest.mark.kernel
+@pytest.mark.postgres
+def test_dbreset_keeps_autocommit_off_and_says_so(start_kernel, postgres_url, postgres_db) -> None:
+    from conftest import pg_admin
+
+    kernel = start_kernel(postgres_url)
+    kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=1)")
+    reset = kernel.ok("%dbreset")
+    assert len(reset.notices) == 1, reset.shown
+    assert "lost" in reset.notices[0] and "autocommit stays off" in reset.notices[0]
+    assert kernel.ok("transaction.get_autocommit()").value() is False
+    kernel.ok("Order.objects.create(number=2); transaction.commit()")
+    rows = pg_admin("select number from shop_order", dbname=postgres_db)
+    assert rows == [(2,)]
+
+
+def test_dbreset_shows_no_empty_out_prompt_in_a_terminal(sqlite_url: str, tmp_path: Path) -> None:
+    from test_shells import Project, Terminal
+
+    project = Project(tmp_path, sqlite_url)
+    project.ipython_config(extension=True)
+    shell = Terminal([sys.executable, "-m", "IPython"], DEMO, project.env())
+    try:
+        shell.type("from django.db import connection; connection.ensure_connection()")
+        shown = shell.type("%dbreset")
+        assert shown.strip().startswith("ipy_dbreset: default: reset"), shown
+        assert "Out[" not in shown, shown
+        shell.type("connection.ensure_connection()")
+        assert shell.type("%dbreset -q").strip() == ""
+        shell.type("connection.ensure_connection()")
+        assert shell.type("result = %dbreset -q").strip() == ""
+        shown = shell.type("[repair.alias for repair in result]")
+        assert re.fullmatch(r"Out\[\d+\]: \['default'\]", shown.strip()), shown
+        # Other values of a cell that ran the magic are shown as usual.
+        shown = shell.type("get_ipython().run_line_magic('dbreset', '-q'); 1 + 1")
+        assert re.fullmatch(r"Out\[\d+\]: 2", shown.strip()), shown
+    finally:
+        shell.close()

@@ -7,6 +7,12 @@ The database is SQLite (``db.sqlite3`` beside ``manage.py``) unless
     IPY_DBRESET_DEMO_DB=mysql://root@127.0.0.1:3306/test
     IPY_DBRESET_DEMO_DB=sqlite:////tmp/demo.sqlite3
 
+Behind PgBouncer in transaction pooling mode, add
+``?disable_server_side_cursors=1`` to a PostgreSQL URL (Django's
+``DISABLE_SERVER_SIDE_CURSORS``): a server-side cursor outlives its
+transaction, and the pooler may send the next statement to another server
+connection.
+
 ``IPY_DBRESET_DEMO_POOL=1`` turns on Django's PostgreSQL connection pool
 (Django 5.1+ with psycopg 3).  A second alias, ``other``, is SQLite: the file
 ``IPY_DBRESET_DEMO_OTHER`` names, or any database it gives as a URL.
@@ -14,7 +20,7 @@ The database is SQLite (``db.sqlite3`` beside ``manage.py``) unless
 
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -55,6 +61,8 @@ def database(url: str) -> dict[str, object]:
         entry["OPTIONS"] = {"charset": "utf8mb4"}
     if parts.scheme != "mysql" and os.environ.get("IPY_DBRESET_DEMO_POOL"):
         entry["OPTIONS"] = {"pool": {"min_size": 1, "max_size": 4}}
+    if parse_qs(parts.query).get("disable_server_side_cursors") == ["1"]:
+        entry["DISABLE_SERVER_SIDE_CURSORS"] = True
     return entry
 
 
