@@ -612,6 +612,9 @@ class DBReset(Magics):
     def dbstatus(self, line: str) -> Table:
         """Show every Django connection in use: driver, server id, transaction state.
 
+        For a connection in a transaction, ``uncommitted`` says how many
+        writes it holds and for how long it has been open.
+
         One row per connection (alias, and its thread when it is not this
         one). Nothing is queried: the table is built from what Django and the
         driver know locally, and never shows a password.
@@ -638,6 +641,7 @@ class DBReset(Magics):
                     "yes" if snap.connected else "no",
                     "" if snap.server_id is None else str(snap.server_id),
                     snap.transaction,
+                    snap.holds,
                     "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
                     "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
                 ]
@@ -650,6 +654,7 @@ class DBReset(Magics):
             "connected",
             "server id",
             "transaction",
+            "uncommitted",
             "autocommit",
             "last repair",
         ]
