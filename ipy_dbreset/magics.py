@@ -33,7 +33,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Bool, Enum, Int, TraitError, TraitType, Unicode, observe
+from traitlets import Bool, Enum, Float, Int, TraitError, TraitType, Unicode, observe
 from traitlets.config.loader import DeferredConfig
 
 from ipy_dbreset.checkup import RepairFailed
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from traitlets.utils.bunch import Bunch
 
     from ipy_dbreset.checkup import Checkup, Failure
+    from ipy_dbreset.idle import IdleKeeper, Said
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,24 @@ class DBReset(Magics):
             "DJANGO_SETTINGS_MODULE and manage.py."
         ),
     ).tag(config=True)
+    idle_release = Float(
+        0.0,
+        min=0.0,
+        help=(
+            "Seconds the shell may wait for input before the shell thread's idle connections "
+            "are closed, to free them on a shared server; the next query reconnects. A "
+            "connection holding a transaction or session state (SET, temporary tables, "
+            "advisory locks, LISTEN, PREPARE) is kept. 0: never."
+        ),
+    ).tag(config=True)
+    long_transaction = Float(
+        600.0,
+        min=0.0,
+        help=(
+            "Seconds a transaction may stay open between cells before it is pointed out "
+            "(once, at the next cell; it is left as it is). 0: never."
+        ),
+    ).tag(config=True)
     verbosity = _Verbosity(
         1,
         help=(
@@ -231,6 +250,8 @@ class DBReset(Magics):
         # The checkup's fast path, and its full check (only when the first says no).
         self._healthy: Callable[[bool, bool], bool] = _nothing_to_check
         self._check_all: Callable[[bool], list[Repair] | None] = _not_running
+        # Idle connections, ended threads' connections, long transactions (ipy_dbreset.idle).
+        self._idle: IdleKeeper | None = None
         # Said while a kernel started up, before any cell could show it: shown
         # with the first cell's output.
         self._held: list[Notice] = []
@@ -288,6 +309,10 @@ class DBReset(Magics):
         )
         self._healthy, self._check_all = self.checkup.healthy, self.checkup.check_all
         self._switches_changed()
+        from ipy_dbreset.idle import IdleKeeper
+
+        self._idle = IdleKeeper(tracker, self.checkup.last)
+        self._idle_changed()
         if setup.source != "already set up":
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
             log.info("ipy_dbreset: %s", setup.describe())
@@ -300,6 +325,9 @@ class DBReset(Magics):
 
     def stop(self) -> None:
         """Stop watching connections and undo what :meth:`start` changed, saying what."""
+        if self._idle is not None:
+            self._idle.stop()
+            self._idle = None
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
@@ -384,6 +412,13 @@ class DBReset(Magics):
     def _allow_async_unsafe_changed(self, change: Bunch) -> None:
         self._apply_async_unsafe()
 
+    @observe("idle_release", "long_transaction")
+    def _idle_changed(self, change: Bunch | None = None) -> None:
+        if self._idle is not None:
+            self._idle.configure(
+                release_after=self.idle_release, long_transaction=self.long_transaction
+            )
+
     @observe("aborted_manual_transactions")
     def _policy_changed(self, change: Bunch) -> None:
         if self.checkup is not None:
@@ -399,6 +434,10 @@ class DBReset(Magics):
         """Repair what broke between cells, before this cell's first query."""
         if self._held:
             self._show_held()
+        if self._idle is not None:
+            said = self._idle.before_cell()
+            if said:
+                self._say_idle(said)
         if self._check_before:
             try:
                 if not self._healthy(True, False):
@@ -410,6 +449,11 @@ class DBReset(Magics):
         """Repair what the cell (or the display of its result) left broken."""
         if self._displayhook is not None or self._stop_cell is not None:
             self._forget_cell_state()
+        if self._idle is not None:
+            # Before the checkup, which takes the marks of the connections the cell used.
+            said = self._idle.after_cell()
+            if said:
+                self._say_idle(said)
         if self._check_after:
             error = None if result is None else result.error_in_exec
             # A cell that raised nothing can only have left a trace in the
@@ -486,6 +530,11 @@ class DBReset(Magics):
         if self.verbosity >= 2 and self.checkup is not None and self.checkup.skipped:
             busy = _threads(self.checkup.skipped)
             self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
+
+    def _say_idle(self, said: list[Said]) -> None:
+        for level, text in said:
+            if self.verbosity >= level:
+                self._say(Notice(text, "info"))
 
     def _say(self, notice: Notice) -> None:
         if getattr(self.shell, "kernel", None) is not None and _starting_up(_START_UP_STEPS):
@@ -628,6 +677,10 @@ class DBReset(Magics):
             if wanted is not None and wrapper.alias not in wanted:
                 continue
             snap = snapshot(wrapper)
+            transaction = snap.transaction
+            kept = None if self._idle is None or not snap.connected else self._idle.kept(wrapper)
+            if kept is not None and transaction == "idle":
+                transaction = f"idle; kept open: {kept}"
             last = self.checkup.last.get(wrapper)
             rows.append(
                 [
@@ -637,7 +690,7 @@ class DBReset(Magics):
                     snap.database,
                     "yes" if snap.connected else "no",
                     "" if snap.server_id is None else str(snap.server_id),
-                    snap.transaction,
+                    transaction,
                     "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
                     "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
                 ]

@@ -259,6 +259,10 @@ class ConnectionTracker:
         current = {w.alias: w for w in connections.all(initialized_only=True)}
         return [w for w in self._home if _reached(w, current)]
 
+    def is_home(self, wrapper: BaseDatabaseWrapper) -> bool:
+        """Whether ``wrapper`` connected in the home thread (reachable from here or not)."""
+        return wrapper in self._home
+
     def has_others(self) -> bool:
         return bool(self._others)
 
