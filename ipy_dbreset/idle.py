@@ -41,7 +41,7 @@ from ipy_dbreset.health import judge, open_work
 from ipy_dbreset.repair import Repair, _drop, borrowed, outside_event_loop
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, MutableMapping
+    from collections.abc import Callable, MutableMapping, Sequence
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -185,10 +185,9 @@ class IdleKeeper:
         self._threads = threading.active_count()
         self._version = tracker.version
         # Shell-thread connections in a transaction: when first seen so after a
-        # cell, and whether that was said.  Empty (one test per cell) while none is.
-        self._open: weakref.WeakKeyDictionary[BaseDatabaseWrapper, list[Any]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # cell, and whether that was said.  Empty (one test per cell) while none
+        # is.  A plain dict: the shell thread's wrappers live as long as the shell.
+        self._open: dict[BaseDatabaseWrapper, list[Any]] = {}
         # The release, when on: its thread and what it shares with the shell's.
         self._cond = threading.Condition(threading.Lock())
         self._releasing = False  # the thread runs and connections are watched
@@ -262,14 +261,17 @@ class IdleKeeper:
 
     # -- around cells --------------------------------------------------------
 
-    def before_cell(self) -> list[Said]:
+    # Both run around every cell: while there is nothing to do, they read a
+    # few attributes and return the same empty tuple.
+
+    def before_cell(self) -> Sequence[Said]:
         """A cell starts: stop the release; say what happened since the last cell."""
         if self._releasing:
             with self._cond:  # waits for a release under way to finish
                 self._running = True
+        if not (self._open or self._released):
+            return ()
         said: list[Said] = []
-        if threading.active_count() != self._threads or self.tracker.version != self._version:
-            self._close_ended(said)
         if self._open:
             self._long_transactions(said)
         if self._released:
@@ -278,13 +280,17 @@ class IdleKeeper:
                 self._released = []
         return said
 
-    def after_cell(self) -> list[Said]:
-        """A cell ended: note transactions it opened; count the idle time from now."""
+    def after_cell(self) -> Sequence[Said]:
+        """A cell ended: note transactions it opened, close ended threads' connections,
+        count the idle time from now.
+
+        A thread that ends between cells is noticed after the next one.
+        """
         if self.long_transaction and self.tracker.used:
             self._note_transactions()
-        said: list[Said] = []
+        said: Sequence[Said] = ()
         if threading.active_count() != self._threads or self.tracker.version != self._version:
-            self._close_ended(said)
+            said = self._close_ended()
         if self._releasing:
             with self._cond:
                 self._running = False
@@ -325,10 +331,11 @@ class IdleKeeper:
 
     # -- ended threads ---------------------------------------------------------
 
-    def _close_ended(self, said: list[Said]) -> None:
+    def _close_ended(self) -> list[Said]:
+        said: list[Said] = []
         self._threads, self._version = threading.active_count(), self.tracker.version
         if not self.tracker.has_others():
-            return
+            return said
         for tracked in self.tracker.others():
             wrapper, thread = tracked.wrapper, tracked.thread
             if thread is None or thread.is_alive() or wrapper.connection is None:
@@ -350,6 +357,7 @@ class IdleKeeper:
                 text += f"; lost: {work} (rolled back)"
             log.info("ipy_dbreset: %s", text)
             said.append((1 if work else 2, text))
+        return said
 
     # -- the release thread ----------------------------------------------------
 

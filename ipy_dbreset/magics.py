@@ -41,7 +41,7 @@ from ipy_dbreset.display import Notice, Table, repair_notice
 
 if TYPE_CHECKING:
     from argparse import Namespace
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     from IPython.core.displayhook import DisplayHook
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
@@ -531,7 +531,7 @@ class DBReset(Magics):
             busy = _threads(self.checkup.skipped)
             self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
 
-    def _say_idle(self, said: list[Said]) -> None:
+    def _say_idle(self, said: Sequence[Said]) -> None:
         for level, text in said:
             if self.verbosity >= level:
                 self._say(Notice(text, "info"))
