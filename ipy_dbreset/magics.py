@@ -149,6 +149,15 @@ class _Verbosity(Int):  # type: ignore[type-arg]
         return value
 
 
+class _Seconds(Float):  # type: ignore[type-arg]
+    """Seconds, 0 or more; a bad value's error says so (Float's says only "a float")."""
+
+    info_text = "a number of seconds, 0 or more"
+
+    def __init__(self, default: float, **kwargs: Any) -> None:
+        super().__init__(default, min=0.0, **kwargs)
+
+
 class BadOption(ValueError):
     """A configured value that the option does not accept; the message names both."""
 
@@ -210,9 +219,8 @@ class DBReset(Magics):
             "DJANGO_SETTINGS_MODULE and manage.py."
         ),
     ).tag(config=True)
-    idle_release = Float(
+    idle_release = _Seconds(
         0.0,
-        min=0.0,
         help=(
             "Seconds the shell may wait for input before the shell thread's idle connections "
             "are closed, to free them on a shared server; the next query reconnects. A "
@@ -220,9 +228,8 @@ class DBReset(Magics):
             "advisory locks, LISTEN, PREPARE) is kept. 0: never."
         ),
     ).tag(config=True)
-    long_transaction = Float(
+    long_transaction = _Seconds(
         600.0,
-        min=0.0,
         help=(
             "Seconds a transaction may stay open between cells before it is pointed out "
             "(once, at the next cell; it is left as it is). 0: never."

@@ -171,3 +171,21 @@ def test_long_transaction_is_pointed_out_once_and_left_alone(
     assert any("(an atomic block)" in n for n in cell.notices), cell.notices
     assert kernel.ok("Order.objects.count()").value() == 2
     assert kernel.failed == 0
+
+
+def test_unload_stops_the_release_and_takes_its_watch_away(start_kernel, postgres_url):
+    kernel = start_kernel(postgres_url)
+    kernel.ok(f"%config DBReset.idle_release = {IDLE}")
+    kernel.ok("connection.close(); Order.objects.count()")
+    state = (
+        "import threading\n"
+        "(sorted(t.name for t in threading.enumerate() if t.name.startswith('ipy_dbreset')),"
+        " [type(w).__name__ for w in connection.execute_wrappers])"
+    )
+    assert kernel.ok(state).value() == (["ipy_dbreset-idle-release"], ["Watch", "Mark"])
+    kernel.ok("%reload_ext ipy_dbreset")
+    kernel.ok("connection.close(); Order.objects.count()")
+    assert kernel.ok(state).value() == (["ipy_dbreset-idle-release"], ["Watch", "Mark"])
+    kernel.ok("%unload_ext ipy_dbreset")
+    assert kernel.ok(state).value() == ([], [])
+    assert kernel.failed == 0
