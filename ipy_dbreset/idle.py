@@ -382,8 +382,13 @@ class IdleKeeper:
         for wrapper, watch in list(self._watches.items()):
             if wrapper.connection is None or watch.holds() is not None:
                 continue
-            if in_transaction(wrapper) or judge(wrapper) is not None:
-                continue  # open work, or broken: the checkup's business at the next cell
+            if not wrapper.autocommit or wrapper.in_atomic_block or judge(wrapper) is not None:
+                # Open work, or the user's manual mode (a reconnect turns autocommit
+                # back on), or broken: the checkup's business at the next cell.
+                continue
+            state = driver_for(wrapper.connection).link(wrapper).transaction
+            if state not in (Transaction.IDLE, Transaction.UNKNOWN):
+                continue  # (mysqlclient's is UNKNOWN: with autocommit on, none stays open)
             if not watch.lock.acquire(blocking=False):
                 continue  # a query of code the event loop runs is under way
             try:

@@ -100,6 +100,12 @@ KEPT = {
         "transaction.commit(); transaction.set_autocommit(True); Order.objects.count()",
         1,
     ),
+    "autocommit off, between transactions": (
+        "transaction.set_autocommit(False); Order.objects.count(); transaction.commit()",
+        "off = not transaction.get_autocommit()\n"
+        "transaction.commit(); transaction.set_autocommit(True); off",
+        True,
+    ),
     "atomic block": (
         "block = transaction.atomic(); block.__enter__(); Order.objects.create(number=5)",
         "block.__exit__(None, None, None); Order.objects.count()",
