@@ -95,6 +95,18 @@ KEPT = {
         ' and pid = pg_backend_pid()")\n    shown = c.fetchone()[0]\nshown',
         1,
     ),
+    "LISTEN": (
+        "with connection.cursor() as c: c.execute('LISTEN orders')",
+        "with connection.cursor() as c:\n    c.execute('select pg_listening_channels()')\n"
+        "    shown = c.fetchone()[0]\nshown",
+        "orders",
+    ),
+    "server-side cursor": (
+        "Order.objects.create(number=1); Order.objects.create(number=2)\n"
+        "rows = Order.objects.order_by('number').iterator(chunk_size=1); next(rows).number",
+        "[order.number for order in rows]",
+        [2],
+    ),
     "manual transaction": (
         "transaction.set_autocommit(False); Order.objects.create(number=5)",
         "transaction.commit(); transaction.set_autocommit(True); Order.objects.count()",
