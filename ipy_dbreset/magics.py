@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from traitlets.utils.bunch import Bunch
 
     from ipy_dbreset.checkup import Checkup
+    from ipy_dbreset.network import Network
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,17 @@ class DBReset(Magics):
             "then unavailable."
         ),
     ).tag(config=True)
+    network_timeout = Int(
+        60,
+        min=0,
+        help=(
+            "Seconds the network may stay silent (no packet answered) before a connection "
+            "ends with a connection error: TCP keepalive and TCP_USER_TIMEOUT on every "
+            "connection whose OPTIONS do not set their own. A query that runs long on a "
+            "path that answers is never cut. 0: no bound (keepalive still keeps idle "
+            "connections through NATs and firewalls)."
+        ),
+    ).tag(config=True)
     settings_module = Unicode(
         None,
         allow_none=True,
@@ -154,6 +166,7 @@ class DBReset(Magics):
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
         # Before super().__init__: it loads the shell's config, which runs the observers.
         self.checkup: Checkup | None = None
+        self.network: Network | None = None  # keepalive and the stop button's path check
         self._set_async_unsafe = False
         self._set_wait_callback = False
         self._last_reset: ResetResult | None = None
@@ -204,10 +217,15 @@ class DBReset(Magics):
             raise UsageError(f"ipy_dbreset: {exc}") from None
 
         from ipy_dbreset.checkup import Checkup
+        from ipy_dbreset.network import Network
         from ipy_dbreset.tracking import ConnectionTracker
 
         tracker = ConnectionTracker(threading.current_thread())
+        self.network = Network(self.network_timeout)
+        tracker.on_created.append(self.network.tune)
         tracker.start()
+        for tracked in tracker:  # connections opened before the extension was loaded
+            self.network.tune(tracked.wrapper)
         self.checkup = Checkup(
             tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
         )
@@ -224,6 +242,9 @@ class DBReset(Magics):
         self._apply_interruptible()
 
     def stop(self) -> None:
+        if self.network is not None:
+            self.network.guard.disarm()
+            self.network = None
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
@@ -291,6 +312,14 @@ class DBReset(Magics):
     def _allow_async_unsafe_changed(self, change: Bunch) -> None:
         self._apply_async_unsafe()
 
+    @observe("network_timeout")
+    def _network_timeout_changed(self, change: Bunch) -> None:
+        if self.network is None or self.checkup is None:
+            return
+        self.network.timeout = change["new"]
+        for tracked in self.checkup.tracked():
+            self.network.tune(tracked.wrapper)
+
     @observe("aborted_manual_transactions")
     def _policy_changed(self, change: Bunch) -> None:
         if self.checkup is not None:
@@ -304,6 +333,8 @@ class DBReset(Magics):
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
+        if self.network is not None:
+            self.network.guard.arm()
         if self._check_before:
             try:
                 repairs = self._run(False, True)
@@ -315,6 +346,8 @@ class DBReset(Magics):
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
+        if self.network is not None:
+            self.network.guard.disarm()
         if self._last_reset is not None:
             self._last_reset.echoed = False
             self._last_reset = None
@@ -428,6 +461,7 @@ class DBReset(Magics):
         driver know locally, and never shows a password.
         """
         from ipy_dbreset.health import snapshot
+        from ipy_dbreset.network import Network
 
         args = _parse(self.dbstatus, "dbstatus", line)
         wanted = set(self._aliases(args.aliases)) if args.aliases else None
@@ -440,6 +474,7 @@ class DBReset(Magics):
                 continue
             snap = snapshot(wrapper)
             last = self.checkup.last.get((wrapper.alias, tracked.thread_name))
+            keepalive = Network.state(wrapper)
             rows.append(
                 [
                     snap.alias,
@@ -450,6 +485,7 @@ class DBReset(Magics):
                     "" if snap.server_id is None else str(snap.server_id),
                     snap.transaction,
                     "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
+                    "" if keepalive is None else keepalive.describe(),
                     "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
                 ]
             )
@@ -462,6 +498,7 @@ class DBReset(Magics):
             "server id",
             "transaction",
             "autocommit",
+            "keepalive",
             "last repair",
         ]
         return Table(columns, rows, "no database connection in use")

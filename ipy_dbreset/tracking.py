@@ -74,6 +74,8 @@ class ConnectionTracker:
         self._on_connect: weakref.WeakKeyDictionary[
             BaseDatabaseWrapper, Callable[[BaseDatabaseWrapper], None]
         ] = weakref.WeakKeyDictionary()
+        self.on_created: list[Callable[[BaseDatabaseWrapper], None]] = []
+        """Called with every connection opened while watching, in the thread that opened it."""
 
     def start(self) -> None:
         """Watch new connections; adopt the home thread's existing ones."""
@@ -99,6 +101,8 @@ class ConnectionTracker:
 
     def _created(self, sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
         self.version += 1
+        for hook in self.on_created:
+            hook(connection)
         action = self._on_connect.pop(connection, None)
         if action is not None:
             action(connection)

@@ -77,6 +77,12 @@ class Driver(Protocol):
     def server_id(self, wrapper: BaseDatabaseWrapper) -> int | None:
         """The server's process or thread id for this connection, if known locally."""
 
+    def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
+        """Whether a query on it is waiting for the server in Python, where a signal handler runs.
+
+        Asked from a SIGINT handler: local state only.
+        """
+
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         """A function answering "still healthy?" for the current driver connection.
 

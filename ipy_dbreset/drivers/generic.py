@@ -33,3 +33,6 @@ class Generic:
 
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         return always_healthy  # only Django's own flags can say otherwise
+
+    def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False
