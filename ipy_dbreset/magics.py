@@ -221,7 +221,7 @@ class DBReset(Magics):
         from ipy_dbreset.tracking import ConnectionTracker
 
         tracker = ConnectionTracker(threading.current_thread())
-        self.network = Network(self.network_timeout)
+        self.network = Network(self.network_timeout, per_cell=self._resets_sigint())
         tracker.on_created.append(self.network.tune)
         tracker.start()
         for tracked in tracker:  # connections opened before the extension was loaded
@@ -277,6 +277,17 @@ class DBReset(Magics):
     @observe("interruptible_psycopg2")
     def _interruptible_changed(self, change: Bunch) -> None:
         self._apply_interruptible()
+
+    def _resets_sigint(self) -> bool:
+        """Whether the shell puts its own SIGINT handler back around every cell.
+
+        ipykernel does for each request, prompt_toolkit at each terminal prompt;
+        a plain InteractiveShell (embedded, scripted) leaves it alone.
+        """
+        terminal = sys.modules.get("IPython.terminal.interactiveshell")
+        if terminal is not None and isinstance(self.shell, terminal.TerminalInteractiveShell):
+            return True
+        return self._in_kernel()
 
     def _in_kernel(self) -> bool:
         from ipy_dbreset.project import in_event_loop
@@ -347,7 +358,7 @@ class DBReset(Magics):
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
         if self.network is not None:
-            self.network.guard.disarm()
+            self.network.guard.cell_over()
         if self._last_reset is not None:
             self._last_reset.echoed = False
             self._last_reset = None

@@ -156,11 +156,15 @@ class Network:
     timeout
         Seconds the network may stay silent before a connection ends with a
         connection error; 0 for no bound (keepalive still keeps idle flows).
+    per_cell
+        Whoever runs the cells puts its own SIGINT handler back for each one
+        (ipykernel does): :class:`InterruptGuard` must stand in front of it
+        again every cell, and step back after it.
     """
 
-    def __init__(self, timeout: int) -> None:
+    def __init__(self, timeout: int, *, per_cell: bool) -> None:
         self.options = Keepalive.for_bound(timeout)  # what tune() applies
-        self.guard = InterruptGuard()  # the stop button's look at the path
+        self.guard = InterruptGuard(per_cell=per_cell)  # the stop button's look at the path
 
     @property
     def timeout(self) -> int:
@@ -287,19 +291,26 @@ class InterruptGuard:
     once their wait in C is over.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, per_cell: bool) -> None:
+        # Installing a handler costs microseconds, as much as checking every
+        # connection: where nobody replaces it between cells (a terminal), it
+        # stays until disarm(); in a kernel, which does, it goes with each cell.
+        self.per_cell = per_cell
         # The main thread's connections with a TCP socket; signals run there.
         self._watched: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
         self._previous: Handler = None  # the handler we stand in front of, while armed
-        self._armed = 0  # bumped by arm() and disarm(): a probe of an older cell stays quiet
+        self._cell = 0  # bumped when a cell ends: a probe of an older cell stays quiet
         self._passing = False  # the next SIGINT is one we re-delivered: hand it on
         self._probing = False  # a probe thread is deciding about the last interrupt
+        self._handing_on = False  # inside the previous handler: a call back to us ends there
 
     def watch(self, wrapper: BaseDatabaseWrapper) -> None:
         self._watched.add(wrapper)
 
     def arm(self) -> None:
-        """Stand in front of the current SIGINT handler (main thread only; cheap when idle)."""
+        """Stand in front of the current SIGINT handler (main thread only), before a cell."""
+        if self._previous is not None and not self.per_cell:
+            return
         if not self._watched or threading.current_thread() is not threading.main_thread():
             return
         current = signal.getsignal(signal.SIGINT)
@@ -308,26 +319,40 @@ class InterruptGuard:
         if not callable(current):
             return  # the default action or ignored: nothing to chain to
         self._previous = current
-        self._armed += 1
         signal.signal(signal.SIGINT, self._handle)
+
+    def cell_over(self) -> None:
+        """After a cell: a late probe must not interrupt what comes next."""
+        self._cell += 1
+        if self.per_cell:
+            self.disarm()
 
     def disarm(self) -> None:
         """Give the SIGINT handler back, unless someone replaced ours meanwhile."""
+        self._cell += 1
         if self._previous is None:
             return
         previous, self._previous = self._previous, None
-        self._armed += 1
         self._passing = False
         main = threading.current_thread() is threading.main_thread()
         if main and signal.getsignal(signal.SIGINT) == self._handle:
             signal.signal(signal.SIGINT, previous)
 
     def _hand_on(self, signum: int, frame: FrameType | None) -> None:
-        previous = self._previous or signal.default_int_handler
-        previous(signum, frame)
+        previous = self._previous
+        if previous is None or self._handing_on:
+            # A handler that someone put in front of ours and that hands on to
+            # ours again: end the loop as Python would.
+            signal.default_int_handler(signum, frame)
+            return
+        self._handing_on = True
+        try:
+            previous(signum, frame)
+        finally:
+            self._handing_on = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self._passing or self._probing:
+        if self._handing_on or self._passing or self._probing:
             # Our own re-delivery, or the user pressing again while we probe.
             self._passing = False
             self._hand_on(signum, frame)
@@ -367,12 +392,12 @@ class InterruptGuard:
         self._probing = True
         threading.Thread(
             target=self._probe,
-            args=(quiet, self._armed),
+            args=(quiet, self._cell),
             name="ipy_dbreset-probe",
             daemon=True,
         ).start()
 
-    def _probe(self, quiet: list[tuple[str, socket.socket, int]], armed: int) -> None:
+    def _probe(self, quiet: list[tuple[str, socket.socket, int]], cell: int) -> None:
         """Ask each path for a keepalive answer now; interrupt if they answer, cut if not.
 
         ``quiet`` holds each socket with the milliseconds since its last
@@ -422,7 +447,7 @@ class InterruptGuard:
             for _, sock, _ in quiet:
                 sock.close()
             self._probing = False
-        if not pending and armed == self._armed:
+        if not pending and cell == self._cell:
             # Every path answered: the interrupt goes on to the driver, which
             # cancels the query as usual.
             self._passing = True

@@ -118,6 +118,7 @@ def test_query_on_a_frozen_path_ends_within_the_bound(through_path, backend):
     kernel, path = through_path(backend)
     with path.frozen():
         cell, took = timed(lambda: kernel.run("Order.objects.count()"))
+    print(f"query on a frozen path, bound {BOUND} s, {backend}: failed after {took:.2f} s")
     assert cell.ename == "OperationalError", cell.shown
     assert BOUND - 1 < took < BOUND + MARGIN, f"took {took:.1f} s"
     assert lost_connection(cell), cell.notices
@@ -182,6 +183,7 @@ def test_stop_button_gets_out_of_a_query_sent_into_a_frozen_path(through_path, d
     with path.frozen():
         cell, took = timed(lambda: kernel.interrupt_during(COUNT, INTERRUPT_AFTER))
     out = took - INTERRUPT_AFTER
+    print(f"stop button, query sent into a frozen path, {driver}: out after {out:.2f} s")
     assert cell.ename == "OperationalError", cell.shown
     assert out < STOP_BUTTON_SECONDS, f"{out:.1f} s from the interrupt"
     assert lost_connection(cell), cell.notices
@@ -205,6 +207,7 @@ def test_stop_button_gets_out_of_a_query_whose_path_froze_while_it_ran(
         out = time.monotonic() - started
     finally:
         path.thaw()
+    print(f"stop button, path froze while the query ran, {driver}: out after {out:.2f} s")
     assert reply["parent_header"]["msg_id"] == timer
     assert reply["content"]["ename"] == "OperationalError", reply["content"]
     assert out < STOP_BUTTON_SECONDS, f"{out:.1f} s from the interrupt"
@@ -222,6 +225,7 @@ def test_stop_button_still_cancels_a_query_on_a_path_that_answers(through_path, 
     # the server's "canceling statement due to user request".
     assert cell.ename in ("KeyboardInterrupt", "OperationalError"), cell.shown
     assert "canceling statement" in cell.evalue or cell.ename == "KeyboardInterrupt"
+    print(f"stop button on a path that answers, {driver}: out after {took - INTERRUPT_AFTER:.2f} s")
     assert took - INTERRUPT_AFTER < STOP_BUTTON_SECONDS
     assert kernel.ok("Order.objects.count()").value() == 1
 
@@ -232,6 +236,7 @@ def test_stop_button_on_mysql_waits_for_the_bound(through_path):
     kernel, path = through_path("mysql")
     with path.frozen():
         cell, took = timed(lambda: kernel.interrupt_during(COUNT, INTERRUPT_AFTER))
+    print(f"stop button on a frozen path, bound {BOUND} s, mysqlclient: out after {took:.2f} s")
     assert cell.ename in ("OperationalError", "KeyboardInterrupt"), cell.shown
     assert took < BOUND + MARGIN, f"took {took:.1f} s"
     assert kernel.ok("Order.objects.count()").value() == 1
@@ -245,3 +250,30 @@ def test_dbstatus_shows_keepalive(through_path, backend):
     kernel, _ = through_path(backend, timeout=60)
     table = kernel.ok("table = %dbstatus\nprint(table)").stdout
     assert "on, after 30s, 3 probes 10s apart, timeout 60s" in table, table
+
+
+# -- the SIGINT handler comes and goes with the extension --------------------------------
+
+
+@pytest.mark.postgres
+def test_sigint_handler_is_ours_only_while_loaded(postgres_url, tmp_path):
+    """In a plain shell the guard stays in front between cells; unload gives the handler back."""
+    from harness import DEMO, run_shell
+
+    handler = "import signal; print(getattr(signal.getsignal(signal.SIGINT), '__qualname__', None))"
+    session = run_shell(
+        [
+            "%load_ext ipy_dbreset",
+            "from django.db import connection; connection.ensure_connection()",
+            "x = 1",
+            handler,
+            "%unload_ext ipy_dbreset",
+            handler,
+        ],
+        DEMO,
+        env={"IPY_DBRESET_DEMO_DB": postgres_url},
+        tmp_path=tmp_path,
+    )
+    assert all(cell.ok for cell in session.cells), session.output
+    assert session[3].stdout.strip() == "InterruptGuard._handle"
+    assert session[5].stdout.strip() == "default_int_handler"
