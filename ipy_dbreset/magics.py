@@ -15,6 +15,7 @@ Configure it like any IPython extension, with ``%config`` or in
 
     c.DBReset.check_before_cell = True
     c.DBReset.aborted_manual_transactions = "leave"
+    c.DBReset.network_timeout = 30   # seconds a frozen network may hold a query
 """
 
 from __future__ import annotations
