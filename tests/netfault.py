@@ -19,6 +19,8 @@ Only the proxy's own port is ever dropped, never the server's.
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import random
 import selectors
 import shutil
 import socket
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+PORT_RANGE = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range")
 TABLE = "ipy_dbreset_tests"  # one table per proxy port: TABLE_<port>
 
 
@@ -45,6 +48,28 @@ def nft_available() -> str | None:
     return None
 
 
+def _listen_below_ephemeral() -> socket.socket:
+    """A loopback listener on a free port below the kernel's ephemeral range.
+
+    The freeze drops every loopback packet of the proxy's port.  Were that
+    port an ephemeral one, a table left behind by a test process that was
+    killed mid-freeze would one day drop an unrelated client's connection
+    that the kernel gave the same source port (to 5432, say); below the
+    range no client gets it.
+    """
+    try:
+        low = int(PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        try:
+            return socket.create_server(("127.0.0.1", port))
+        except OSError:
+            continue
+    raise OSError(f"no free loopback port below {low}")
+
+
 def _nft(script: str) -> None:
     subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, timeout=10)
 
@@ -54,7 +79,7 @@ class Path:
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = _listen_below_ephemeral()
         self.port: int = self._listener.getsockname()[1]
         self._table = f"{TABLE}_{self.port}"
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
