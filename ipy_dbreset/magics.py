@@ -16,6 +16,7 @@ Configure it like any IPython extension, with ``%config`` or in
 
     c.DBReset.check_before_cell = True
     c.DBReset.aborted_manual_transactions = "leave"
+    c.DBReset.network_timeout = 30   # seconds a frozen network may hold a query
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from traitlets.utils.bunch import Bunch
 
     from ipy_dbreset.checkup import Checkup, Failure
+    from ipy_dbreset.network import Network
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,17 @@ class DBReset(Magics):
             "then unavailable."
         ),
     ).tag(config=True)
+    network_timeout = Int(
+        60,
+        min=0,
+        help=(
+            "Seconds the network may stay silent (no packet answered) before a connection "
+            "ends with a connection error: TCP keepalive and TCP_USER_TIMEOUT on every "
+            "connection whose OPTIONS do not set their own. A query that runs long on a "
+            "path that answers is never cut. 0: no bound (keepalive still keeps idle "
+            "connections through NATs and firewalls)."
+        ),
+    ).tag(config=True)
     settings_module = Unicode(
         None,
         allow_none=True,
@@ -220,6 +233,7 @@ class DBReset(Magics):
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
         # Before super().__init__: it loads the shell's config, which runs the observers.
         self.checkup: Checkup | None = None
+        self.network: Network | None = None  # keepalive and the stop button's path check
         self._set_async_unsafe = False
         self._set_wait_callback = False
         # The displayhook that %dbreset set aside for the rest of its cell (see dbreset).
@@ -279,10 +293,15 @@ class DBReset(Magics):
             raise UsageError(f"ipy_dbreset: {exc}") from None
 
         from ipy_dbreset.checkup import Checkup
+        from ipy_dbreset.network import Network
         from ipy_dbreset.tracking import ConnectionTracker
 
         tracker = ConnectionTracker(threading.current_thread())
+        self.network = Network(self.network_timeout, per_cell=self._resets_sigint())
+        tracker.on_created.append(self.network.tune)
         tracker.start()
+        for tracked in tracker:  # connections opened before the extension was loaded
+            self.network.tune(tracked.wrapper)
         self.checkup = Checkup(
             tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
         )
@@ -300,6 +319,9 @@ class DBReset(Magics):
 
     def stop(self) -> None:
         """Stop watching connections and undo what :meth:`start` changed, saying what."""
+        if self.network is not None:
+            self.network.guard.disarm()
+            self.network = None
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
@@ -350,6 +372,17 @@ class DBReset(Magics):
     def _interruptible_changed(self, change: Bunch) -> None:
         self._apply_interruptible()
 
+    def _resets_sigint(self) -> bool:
+        """Whether the shell puts its own SIGINT handler back around every cell.
+
+        ipykernel does for each request, prompt_toolkit at each terminal prompt;
+        a plain InteractiveShell (embedded, scripted) leaves it alone.
+        """
+        terminal = sys.modules.get("IPython.terminal.interactiveshell")
+        if terminal is not None and isinstance(self.shell, terminal.TerminalInteractiveShell):
+            return True
+        return self._in_kernel()
+
     def _in_kernel(self) -> bool:
         from ipy_dbreset.project import in_event_loop
 
@@ -384,6 +417,14 @@ class DBReset(Magics):
     def _allow_async_unsafe_changed(self, change: Bunch) -> None:
         self._apply_async_unsafe()
 
+    @observe("network_timeout")
+    def _network_timeout_changed(self, change: Bunch) -> None:
+        if self.network is None or self.checkup is None:
+            return
+        self.network.timeout = change["new"]
+        for tracked in self.checkup.tracked():
+            self.network.tune(tracked.wrapper)
+
     @observe("aborted_manual_transactions")
     def _policy_changed(self, change: Bunch) -> None:
         if self.checkup is not None:
@@ -399,6 +440,8 @@ class DBReset(Magics):
         """Repair what broke between cells, before this cell's first query."""
         if self._held:
             self._show_held()
+        if self.network is not None:
+            self.network.guard.arm()
         if self._check_before:
             try:
                 if not self._healthy(True, False):
@@ -408,6 +451,8 @@ class DBReset(Magics):
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
+        if self.network is not None:
+            self.network.guard.cell_over()
         if self._displayhook is not None or self._stop_cell is not None:
             self._forget_cell_state()
         if self._check_after:
@@ -617,6 +662,7 @@ class DBReset(Magics):
         driver know locally, and never shows a password.
         """
         from ipy_dbreset.health import snapshot
+        from ipy_dbreset.network import Network
 
         args = _parse(self.dbstatus, "dbstatus", line)
         wanted = set(self._aliases(args.aliases)) if args.aliases else None
@@ -629,6 +675,7 @@ class DBReset(Magics):
                 continue
             snap = snapshot(wrapper)
             last = self.checkup.last.get(wrapper)
+            keepalive = Network.state(wrapper)
             rows.append(
                 [
                     snap.alias,
@@ -639,6 +686,7 @@ class DBReset(Magics):
                     "" if snap.server_id is None else str(snap.server_id),
                     snap.transaction,
                     "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
+                    "" if keepalive is None else keepalive.describe(),
                     "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
                 ]
             )
@@ -651,6 +699,7 @@ class DBReset(Magics):
             "server id",
             "transaction",
             "autocommit",
+            "keepalive",
             "last repair",
         ]
         return Table(columns, rows, "no database connection in use")
