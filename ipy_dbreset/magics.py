@@ -16,6 +16,7 @@ Configure it like any IPython extension, with ``%config`` or in
 
     c.DBReset.check_before_cell = True
     c.DBReset.aborted_manual_transactions = "leave"
+    c.DBReset.network_timeout = 30   # seconds a frozen network may hold a query
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
     from ipy_dbreset.checkup import Checkup, Failure
     from ipy_dbreset.idle import IdleKeeper, Said
+    from ipy_dbreset.network import Network
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,17 @@ class DBReset(Magics):
             "then unavailable."
         ),
     ).tag(config=True)
+    network_timeout = Int(
+        60,
+        min=0,
+        help=(
+            "Seconds the network may stay silent (no packet answered) before a connection "
+            "ends with a connection error: TCP keepalive and TCP_USER_TIMEOUT on every "
+            "connection whose OPTIONS do not set their own. A query that runs long on a "
+            "path that answers is never cut. 0: no bound (keepalive still keeps idle "
+            "connections through NATs and firewalls)."
+        ),
+    ).tag(config=True)
     settings_module = Unicode(
         None,
         allow_none=True,
@@ -246,6 +259,7 @@ class DBReset(Magics):
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
         # Before super().__init__: it loads the shell's config, which runs the observers.
         self.checkup: Checkup | None = None
+        self.network: Network | None = None  # keepalive and the stop button's path check
         self._set_async_unsafe = False
         self._set_wait_callback = False
         # The displayhook that %dbreset set aside for the rest of its cell (see dbreset).
@@ -307,10 +321,15 @@ class DBReset(Magics):
             raise UsageError(f"ipy_dbreset: {exc}") from None
 
         from ipy_dbreset.checkup import Checkup
+        from ipy_dbreset.network import Network
         from ipy_dbreset.tracking import ConnectionTracker
 
         tracker = ConnectionTracker(threading.current_thread())
+        self.network = Network(self.network_timeout, per_cell=self._resets_sigint())
+        tracker.on_created.append(self.network.tune)
         tracker.start()
+        for tracked in tracker:  # connections opened before the extension was loaded
+            self.network.tune(tracked.wrapper)
         self.checkup = Checkup(
             tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
         )
@@ -335,6 +354,9 @@ class DBReset(Magics):
         if self._idle is not None:
             self._idle.stop()
             self._idle = None
+        if self.network is not None:
+            self.network.guard.disarm()
+            self.network = None
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
@@ -385,6 +407,17 @@ class DBReset(Magics):
     def _interruptible_changed(self, change: Bunch) -> None:
         self._apply_interruptible()
 
+    def _resets_sigint(self) -> bool:
+        """Whether the shell puts its own SIGINT handler back around every cell.
+
+        ipykernel does for each request, prompt_toolkit at each terminal prompt;
+        a plain InteractiveShell (embedded, scripted) leaves it alone.
+        """
+        terminal = sys.modules.get("IPython.terminal.interactiveshell")
+        if terminal is not None and isinstance(self.shell, terminal.TerminalInteractiveShell):
+            return True
+        return self._in_kernel()
+
     def _in_kernel(self) -> bool:
         from ipy_dbreset.project import in_event_loop
 
@@ -426,6 +459,14 @@ class DBReset(Magics):
                 release_after=self.idle_release, long_transaction=self.long_transaction
             )
 
+    @observe("network_timeout")
+    def _network_timeout_changed(self, change: Bunch) -> None:
+        if self.network is None or self.checkup is None:
+            return
+        self.network.timeout = change["new"]
+        for tracked in self.checkup.tracked():
+            self.network.tune(tracked.wrapper)
+
     @observe("aborted_manual_transactions")
     def _policy_changed(self, change: Bunch) -> None:
         if self.checkup is not None:
@@ -441,6 +482,8 @@ class DBReset(Magics):
         """Repair what broke between cells, before this cell's first query."""
         if self._held:
             self._show_held()
+        if self.network is not None:
+            self.network.guard.arm()
         if self._idle is not None:
             said = self._idle.before_cell()
             if said:
@@ -454,6 +497,8 @@ class DBReset(Magics):
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
+        if self.network is not None:
+            self.network.guard.cell_over()
         if self._displayhook is not None or self._stop_cell is not None:
             self._forget_cell_state()
         if self._idle is not None:
@@ -673,6 +718,7 @@ class DBReset(Magics):
         driver know locally, and never shows a password.
         """
         from ipy_dbreset.health import snapshot
+        from ipy_dbreset.network import Network
 
         args = _parse(self.dbstatus, "dbstatus", line)
         wanted = set(self._aliases(args.aliases)) if args.aliases else None
@@ -689,6 +735,7 @@ class DBReset(Magics):
             if kept is not None and transaction == "idle":
                 transaction = f"idle; kept open: {kept}"
             last = self.checkup.last.get(wrapper)
+            keepalive = Network.state(wrapper)
             rows.append(
                 [
                     snap.alias,
@@ -699,6 +746,7 @@ class DBReset(Magics):
                     "" if snap.server_id is None else str(snap.server_id),
                     transaction,
                     "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
+                    "" if keepalive is None else keepalive.describe(),
                     "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
                 ]
             )
@@ -711,6 +759,7 @@ class DBReset(Magics):
             "server id",
             "transaction",
             "autocommit",
+            "keepalive",
             "last repair",
         ]
         return Table(columns, rows, "no database connection in use")

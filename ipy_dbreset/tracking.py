@@ -170,6 +170,9 @@ class ConnectionTracker:
         self.preflight = Preflight()
         """Looks at every tracked connection before its queries (:mod:`ipy_dbreset.preflight`)."""
 
+        self.on_created: list[Callable[[BaseDatabaseWrapper], None]] = []
+        """Called with every connection opened while watching, in the thread that opened it."""
+
     def start(self) -> None:
         """Watch new connections; adopt the home thread's open ones."""
         connection_created.connect(self._created, weak=False, dispatch_uid=self._uid)
@@ -207,6 +210,8 @@ class ConnectionTracker:
 
     def _created(self, sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
         self.version += 1
+        for hook in self.on_created:
+            hook(connection)
         action = self._on_connect.pop(connection, None)
         if action is not None:
             action(connection)
