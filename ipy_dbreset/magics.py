@@ -16,6 +16,7 @@ Configure it like any IPython extension, with ``%config`` or in
 
     c.DBReset.check_before_cell = True
     c.DBReset.aborted_manual_transactions = "leave"
+    c.DBReset.network_timeout = 30   # seconds a frozen network may hold a query
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Bool, Enum, Int, TraitError, TraitType, Unicode, observe
+from traitlets import Bool, Enum, Float, Int, TraitError, TraitType, Unicode, observe
 from traitlets.config.loader import DeferredConfig
 
 from ipy_dbreset.checkup import RepairFailed
@@ -41,13 +42,15 @@ from ipy_dbreset.display import Notice, Table, repair_notice
 
 if TYPE_CHECKING:
     from argparse import Namespace
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     from IPython.core.displayhook import DisplayHook
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
     from ipy_dbreset.checkup import Checkup, Failure
+    from ipy_dbreset.idle import IdleKeeper, Said
+    from ipy_dbreset.network import Network
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,15 @@ class _Verbosity(Int):  # type: ignore[type-arg]
         return value
 
 
+class _Seconds(Float):  # type: ignore[type-arg]
+    """Seconds, 0 or more; a bad value's error says so (Float's says only "a float")."""
+
+    info_text = "a number of seconds, 0 or more"
+
+    def __init__(self, default: float, **kwargs: Any) -> None:
+        super().__init__(default, min=0.0, **kwargs)
+
+
 class BadOption(ValueError):
     """A configured value that the option does not accept; the message names both."""
 
@@ -201,12 +213,39 @@ class DBReset(Magics):
             "then unavailable."
         ),
     ).tag(config=True)
+    network_timeout = Int(
+        60,
+        min=0,
+        help=(
+            "Seconds the network may stay silent (no packet answered) before a connection "
+            "ends with a connection error: TCP keepalive and TCP_USER_TIMEOUT on every "
+            "connection whose OPTIONS do not set their own. A query that runs long on a "
+            "path that answers is never cut. 0: no bound (keepalive still keeps idle "
+            "connections through NATs and firewalls)."
+        ),
+    ).tag(config=True)
     settings_module = Unicode(
         None,
         allow_none=True,
         help=(
             "Django settings module to use when Django is not set up yet; wins over "
             "DJANGO_SETTINGS_MODULE and manage.py."
+        ),
+    ).tag(config=True)
+    idle_release = _Seconds(
+        0.0,
+        help=(
+            "Seconds the shell may wait for input before the shell thread's idle connections "
+            "are closed, to free them on a shared server; the next query reconnects. A "
+            "connection holding a transaction or session state (SET, temporary tables, "
+            "advisory locks, LISTEN, PREPARE) is kept. 0: never."
+        ),
+    ).tag(config=True)
+    long_transaction = _Seconds(
+        600.0,
+        help=(
+            "Seconds a transaction may stay open between cells before it is pointed out "
+            "(once, at the next cell; it is left as it is). 0: never."
         ),
     ).tag(config=True)
     verbosity = _Verbosity(
@@ -220,6 +259,7 @@ class DBReset(Magics):
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
         # Before super().__init__: it loads the shell's config, which runs the observers.
         self.checkup: Checkup | None = None
+        self.network: Network | None = None  # keepalive and the stop button's path check
         self._set_async_unsafe = False
         self._set_wait_callback = False
         # The displayhook that %dbreset set aside for the rest of its cell (see dbreset).
@@ -231,6 +271,8 @@ class DBReset(Magics):
         # The checkup's fast path, and its full check (only when the first says no).
         self._healthy: Callable[[bool, bool], bool] = _nothing_to_check
         self._check_all: Callable[[bool], list[Repair] | None] = _not_running
+        # Idle connections, ended threads' connections, long transactions (ipy_dbreset.idle).
+        self._idle: IdleKeeper | None = None
         # Said while a kernel started up, before any cell could show it: shown
         # with the first cell's output.
         self._held: list[Notice] = []
@@ -279,15 +321,24 @@ class DBReset(Magics):
             raise UsageError(f"ipy_dbreset: {exc}") from None
 
         from ipy_dbreset.checkup import Checkup
+        from ipy_dbreset.network import Network
         from ipy_dbreset.tracking import ConnectionTracker
 
         tracker = ConnectionTracker(threading.current_thread())
+        self.network = Network(self.network_timeout, per_cell=self._resets_sigint())
+        tracker.on_created.append(self.network.tune)
         tracker.start()
+        for tracked in tracker:  # connections opened before the extension was loaded
+            self.network.tune(tracked.wrapper)
         self.checkup = Checkup(
             tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
         )
         self._healthy, self._check_all = self.checkup.healthy, self.checkup.check_all
         self._switches_changed()
+        from ipy_dbreset.idle import IdleKeeper
+
+        self._idle = IdleKeeper(tracker, self.checkup.last)
+        self._idle_changed()
         if setup.source != "already set up":
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
             log.info("ipy_dbreset: %s", setup.describe())
@@ -300,6 +351,12 @@ class DBReset(Magics):
 
     def stop(self) -> None:
         """Stop watching connections and undo what :meth:`start` changed, saying what."""
+        if self._idle is not None:
+            self._idle.stop()
+            self._idle = None
+        if self.network is not None:
+            self.network.guard.disarm()
+            self.network = None
         if self.checkup is not None:
             self.checkup.tracker.stop()
             self.checkup = None
@@ -350,6 +407,17 @@ class DBReset(Magics):
     def _interruptible_changed(self, change: Bunch) -> None:
         self._apply_interruptible()
 
+    def _resets_sigint(self) -> bool:
+        """Whether the shell puts its own SIGINT handler back around every cell.
+
+        ipykernel does for each request, prompt_toolkit at each terminal prompt;
+        a plain InteractiveShell (embedded, scripted) leaves it alone.
+        """
+        terminal = sys.modules.get("IPython.terminal.interactiveshell")
+        if terminal is not None and isinstance(self.shell, terminal.TerminalInteractiveShell):
+            return True
+        return self._in_kernel()
+
     def _in_kernel(self) -> bool:
         from ipy_dbreset.project import in_event_loop
 
@@ -384,6 +452,21 @@ class DBReset(Magics):
     def _allow_async_unsafe_changed(self, change: Bunch) -> None:
         self._apply_async_unsafe()
 
+    @observe("idle_release", "long_transaction")
+    def _idle_changed(self, change: Bunch | None = None) -> None:
+        if self._idle is not None:
+            self._idle.configure(
+                release_after=self.idle_release, long_transaction=self.long_transaction
+            )
+
+    @observe("network_timeout")
+    def _network_timeout_changed(self, change: Bunch) -> None:
+        if self.network is None or self.checkup is None:
+            return
+        self.network.timeout = change["new"]
+        for tracked in self.checkup.tracked():
+            self.network.tune(tracked.wrapper)
+
     @observe("aborted_manual_transactions")
     def _policy_changed(self, change: Bunch) -> None:
         if self.checkup is not None:
@@ -399,6 +482,12 @@ class DBReset(Magics):
         """Repair what broke between cells, before this cell's first query."""
         if self._held:
             self._show_held()
+        if self.network is not None:
+            self.network.guard.arm()
+        if self._idle is not None:
+            said = self._idle.before_cell()
+            if said:
+                self._say_idle(said)
         if self._check_before:
             try:
                 if not self._healthy(True, False):
@@ -408,8 +497,15 @@ class DBReset(Magics):
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
+        if self.network is not None:
+            self.network.guard.cell_over()
         if self._displayhook is not None or self._stop_cell is not None:
             self._forget_cell_state()
+        if self._idle is not None:
+            # Before the checkup, which takes the marks of the connections the cell used.
+            said = self._idle.after_cell()
+            if said:
+                self._say_idle(said)
         if self._check_after:
             error = None if result is None else result.error_in_exec
             # A cell that raised nothing can only have left a trace in the
@@ -486,6 +582,11 @@ class DBReset(Magics):
         if self.verbosity >= 2 and self.checkup is not None and self.checkup.skipped:
             busy = _threads(self.checkup.skipped)
             self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
+
+    def _say_idle(self, said: Sequence[Said]) -> None:
+        for level, text in said:
+            if self.verbosity >= level:
+                self._say(Notice(text, "info"))
 
     def _say(self, notice: Notice) -> None:
         if getattr(self.shell, "kernel", None) is not None and _starting_up(_START_UP_STEPS):
@@ -620,6 +721,7 @@ class DBReset(Magics):
         driver know locally, and never shows a password.
         """
         from ipy_dbreset.health import snapshot
+        from ipy_dbreset.network import Network
 
         args = _parse(self.dbstatus, "dbstatus", line)
         wanted = set(self._aliases(args.aliases)) if args.aliases else None
@@ -631,7 +733,12 @@ class DBReset(Magics):
             if wanted is not None and wrapper.alias not in wanted:
                 continue
             snap = snapshot(wrapper)
+            transaction = snap.transaction
+            kept = None if self._idle is None or not snap.connected else self._idle.kept(wrapper)
+            if kept is not None and transaction == "idle":
+                transaction = f"idle; kept open: {kept}"
             last = self.checkup.last.get(wrapper)
+            keepalive = Network.state(wrapper)
             rows.append(
                 [
                     snap.alias,
@@ -640,9 +747,10 @@ class DBReset(Magics):
                     snap.database,
                     "yes" if snap.connected else "no",
                     "" if snap.server_id is None else str(snap.server_id),
-                    snap.transaction,
+                    transaction,
                     snap.holds,
                     "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
+                    "" if keepalive is None else keepalive.describe(),
                     "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
                 ]
             )
@@ -656,6 +764,7 @@ class DBReset(Magics):
             "transaction",
             "uncommitted",
             "autocommit",
+            "keepalive",
             "last repair",
         ]
         return Table(columns, rows, "no database connection in use")
