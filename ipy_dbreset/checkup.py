@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.db import Error
 
+from ipy_dbreset.display import where
 from ipy_dbreset.drivers import Sockets, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge
 from ipy_dbreset.repair import Repair, repair, reset
@@ -23,9 +25,14 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     from ipy_dbreset.drivers import FastCheck
+    from ipy_dbreset.health import Snapshot
+    from ipy_dbreset.network import SocketState
     from ipy_dbreset.tracking import ConnectionTracker, Mark, Tracked
 
 log = logging.getLogger(__name__)
+
+HISTORY = 200
+"""Repairs kept for ``%dbstatus --history``."""
 
 
 def _manual_transactions(wrapper: BaseDatabaseWrapper) -> None:
@@ -42,8 +49,38 @@ class Failure:
     error: str
 
     def describe(self) -> str:
-        where = self.alias if self.thread is None else f"{self.alias} (thread {self.thread})"
-        return f"{where}: {self.error}"
+        return f"{where(self.alias, self.thread)}: {self.error}"
+
+
+@dataclass(frozen=True)
+class Status:
+    """One connection in use, as ``%dbstatus`` shows it; read locally, never connecting."""
+
+    thread: str | None
+    snapshot: Snapshot
+    last: Repair | None
+    """Its last repair, reset or release."""
+    keepalive: SocketState | None
+    """Its socket's keepalive settings (``None``: not a TCP socket, or not connected)."""
+    kept: str | None
+    """Why idle_release would keep it open (``None``: it would not, or the release is off)."""
+
+
+class Repairs(weakref.WeakKeyDictionary["BaseDatabaseWrapper", Repair]):
+    """The last repair of each connection, and the session's repairs in order.
+
+    Whoever notes a repair (the checkup, the look before a query, the idle
+    keeper) sets it here; ``%dbstatus --history`` reads :attr:`history`.
+    """
+
+    def __init__(self, keep: int = HISTORY) -> None:
+        super().__init__()
+        self.history: deque[Repair] = deque(maxlen=keep)
+        """The session's repairs, oldest first; the oldest go beyond ``keep``."""
+
+    def __setitem__(self, wrapper: BaseDatabaseWrapper, repair: Repair) -> None:
+        super().__setitem__(wrapper, repair)
+        self.history.append(repair)
 
 
 class RepairFailed(Exception):
@@ -81,9 +118,7 @@ class Checkup:
     def __init__(self, tracker: ConnectionTracker, *, leave_manual_transactions: bool = False):
         self.tracker = tracker
         self.leave_manual_transactions = leave_manual_transactions
-        self.last: weakref.WeakKeyDictionary[BaseDatabaseWrapper, Repair] = (
-            weakref.WeakKeyDictionary()
-        )
+        self.last = Repairs()
         """The last repair or reset of each connection (not of its alias: a thread
         can hold more than one wrapper of an alias, and one of them may not be in use)."""
         self._told: set[tuple[str, str | None]] = set()
@@ -346,3 +381,7 @@ class Checkup:
 
     def tracked(self) -> list[Tracked]:
         return list(self.tracker)
+
+    def history(self) -> list[Repair]:
+        """The session's repairs, resets and releases, oldest first (the last :data:`HISTORY`)."""
+        return list(self.last.history)

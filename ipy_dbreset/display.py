@@ -1,4 +1,15 @@
-"""Rendering notices and connection status, as plain text and as HTML for notebooks."""
+"""Rendering notices and connection status, as plain text and as HTML for notebooks.
+
+A notice is one line per thing done, verb first::
+
+    ipy_dbreset: rolled back db 'default': a failed statement aborted the transaction; ...
+
+``%dbstatus`` is a table whose rows hold the essentials (about 100 columns in
+a terminal); what is long (the last repair, why an idle connection is kept
+open, keepalive settings that differ) goes on a detail line under its row, or
+once under the table when every connection shares it.  Nothing here touches a
+connection: the functions work on plain data (repairs, snapshots).
+"""
 
 from __future__ import annotations
 
@@ -7,57 +18,205 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
+    from datetime import datetime, tzinfo
 
+    from ipy_dbreset.checkup import Status
     from ipy_dbreset.repair import Repair
 
 PREFIX = "ipy_dbreset"
 
+# JupyterLab's theme variables (light and dark), with fallbacks for other front ends.
 _STYLE = (
-    "font-family:var(--jp-code-font-family,monospace);font-size:0.9em;"
-    "padding:2px 8px;border-left:3px solid {color};background:{background};"
+    "font-family:var(--jp-code-font-family,monospace);font-size:0.9em;line-height:1.5;"
+    "color:var(--jp-content-font-color1,inherit);"
+    "padding:2px 8px;margin:6px 0 2px 0;border-left:3px solid {color};background:{background};"
 )
 _KINDS = {
-    "repair": ("#d08700", "rgba(208,135,0,0.08)"),
-    "info": ("#1f77b4", "rgba(31,119,180,0.06)"),
-    "error": ("#c0392b", "rgba(192,57,43,0.08)"),
+    "repair": ("var(--jp-warn-color1,#d08700)", "rgba(208,135,0,0.10)"),
+    "info": ("var(--jp-info-color1,#1f77b4)", "rgba(31,119,180,0.08)"),
+    "error": ("var(--jp-error-color1,#c0392b)", "rgba(192,57,43,0.10)"),
 }
 
 
 @dataclass(frozen=True)
 class Notice:
-    """One line for the user, in both worlds."""
+    """What was done, for the user: one line per thing, in both worlds."""
 
     text: str
     kind: str = "repair"
 
+    @property
+    def lines(self) -> list[str]:
+        return self.text.splitlines() or [""]
+
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, str]:
-        return {"text/plain": f"{PREFIX}: {self.text}", "text/html": self.html()}
+        return {"text/plain": str(self), "text/html": self.html()}
 
     def html(self) -> str:
         color, background = _KINDS.get(self.kind, _KINDS["info"])
         style = _STYLE.format(color=color, background=background)
+        first, *more = (html.escape(line) for line in self.lines)
+        rest = "".join(f"<div>{line}</div>" for line in more)
         return (
             f'<div class="ipy-dbreset-notice" style="{style}">'
-            f"<b>{PREFIX}</b>: {html.escape(self.text)}</div>"
+            f"<div><b>{PREFIX}</b>: {first}</div>{rest}</div>"
         )
 
     def __str__(self) -> str:
-        return f"{PREFIX}: {self.text}"
+        return "\n".join(f"{PREFIX}: {line}" for line in self.lines)
+
+
+# -- what was done ---------------------------------------------------------------
+
+
+def where(alias: str, thread: str | None = None) -> str:
+    """``db 'default'``, or ``db 'default' (thread worker_0)`` for another thread's."""
+    return f"db {alias!r}" if thread is None else f"db {alias!r} (thread {thread})"
+
+
+def repair_line(repair: Repair) -> str:
+    """``rolled back db 'default': <why>; lost 2 unsaved writes (...); <what next>``."""
+    text = f"{repair.action} {where(repair.alias, repair.thread)}"
+    if repair.reason:
+        text += f": {repair.reason}"
+    for part in (repair.lost, repair.hint):
+        if part:
+            text += f"; {part}"
+    return text
 
 
 def repair_notice(repairs: Sequence[Repair]) -> Notice:
-    """One notice for all repairs of a check: ``default: ...; other: ...``."""
-    return Notice("; ".join(r.describe() for r in repairs))
+    """One line per repair of a check."""
+    return Notice("\n".join(repair_line(r) for r in repairs))
+
+
+def threads(connections: Iterable[tuple[str, str | None]]) -> str:
+    """``db 'default' (thread worker_0), db 'other' (thread worker_0)``."""
+    return ", ".join(where(alias, thread) for alias, thread in connections)
+
+
+# -- times -------------------------------------------------------------------------
+
+
+def _machine_zone() -> tzinfo | None:
+    """The machine's time zone.
+
+    Not the process's: Django sets ``TZ`` to its ``TIME_ZONE`` when its
+    settings load (on systems with ``time.tzset``), and the user reads a
+    clock on the wall, not the project's settings.
+    """
+    from zoneinfo import ZoneInfo
+
+    try:
+        with open("/etc/localtime", "rb") as zone_file:
+            return ZoneInfo.from_file(zone_file)
+    except (OSError, ValueError):
+        return None  # no zone file (Windows, where Django leaves TZ alone): the process's
+
+
+def clock(when: datetime) -> str:
+    """``HH:MM:SS`` in the machine's local time."""
+    if when.tzinfo is None:
+        return f"{when:%H:%M:%S}"
+    zone = _machine_zone()
+    return f"{(when.astimezone(zone) if zone is not None else when.astimezone()):%H:%M:%S}"
+
+
+# -- %dbstatus -----------------------------------------------------------------------
+
+
+def _state(status: Status) -> str:
+    """``in an atomic block: 2 writes, open 12 s``; ``idle; autocommit off``."""
+    snap = status.snapshot
+    text = snap.transaction
+    if snap.autocommit is False and text == "in a transaction":
+        text = "manual transaction"  # what autocommit off outside atomic blocks opens
+    elif snap.autocommit is False:
+        text += "; autocommit off"
+    if snap.holds:
+        text += f": {snap.holds}"
+    return text
+
+
+def _last(repair: Repair) -> str:
+    return f"last repair {clock(repair.when)}: {repair_line(repair)}"
+
+
+def status_table(statuses: Sequence[Status]) -> Table:
+    """``%dbstatus``: a row of essentials per connection, the long things under it.
+
+    The thread column appears only when another thread's connection is listed;
+    keepalive settings that every connection shares are said once, under the
+    table; those that differ go under their row.
+    """
+    keepalives = {s.keepalive.describe() for s in statuses if s.keepalive is not None}
+    shared = len(keepalives) == 1 and all(
+        s.keepalive is not None for s in statuses if s.snapshot.connected
+    )
+    with_thread = any(s.thread for s in statuses)
+    columns = ["alias", *(["thread"] if with_thread else []), "driver", "database"]
+    columns += ["server pid", "state"]
+    rows, details = [], []
+    for status in statuses:
+        snap = status.snapshot
+        row = [snap.alias, *([status.thread or ""] if with_thread else []), snap.driver]
+        row += [snap.database, "" if snap.server_id is None else str(snap.server_id)]
+        rows.append([*row, _state(status)])
+        detail = []
+        if status.kept is not None:
+            detail.append(f"kept open despite idle_release: {status.kept}")
+        if status.keepalive is not None and not shared:
+            detail.append(f"keepalive {status.keepalive.describe()}")
+        if status.last is not None:
+            detail.append(_last(status.last))
+        details.append(detail)
+    notes = [f"keepalive on every connection: {keepalives.pop()}"] if shared else []
+    return Table(columns, rows, "no database connection in use", details=details, notes=notes)
+
+
+def history_table(repairs: Sequence[Repair]) -> Table:
+    """``%dbstatus --history``: the session's repairs, newest first, with what was lost."""
+    rows = [
+        [clock(r.when), where(r.alias, r.thread), r.action, r.reason, r.lost or "nothing"]
+        for r in reversed(repairs)
+    ]
+    columns = ["time", "connection", "done", "why", "lost"]
+    return Table(columns, rows, "no repair in this session yet")
+
+
+# -- tables --------------------------------------------------------------------------
+
+_CELL = "text-align:left;vertical-align:top;padding:2px 10px 2px 0;"
+_DETAIL = (
+    "text-align:left;padding:0 10px 4px 1.5em;font-size:0.9em;"
+    "color:var(--jp-content-font-color2,#666);white-space:normal;"
+)
 
 
 class Table:
-    """A small table shown as aligned text in a terminal and as HTML in a notebook."""
+    """A small table shown as aligned text in a terminal and as HTML in a notebook.
 
-    def __init__(self, columns: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> None:
+    A row may carry detail lines: under the row in a terminal, in a row
+    spanning every column in a notebook, so that no column is squeezed.
+    """
+
+    def __init__(
+        self,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[str]],
+        empty: str,
+        *,
+        details: Sequence[Sequence[str]] | None = None,
+        notes: Sequence[str] = (),
+    ) -> None:
         self.columns = list(columns)
-        self.rows = [list(row) for row in rows]
-        self.empty = empty
+        self.rows = [list(row) for row in rows]  # of strings, one per column
+        self.details = [list(d) for d in details] if details else [[] for _ in self.rows]
+        """Lines under each row (the long things: last repair, why kept open)."""
+        self.notes = list(notes)
+        """Lines under the table, for what every row shares."""
+        self.empty = empty  # said instead of a table without rows
 
     def __str__(self) -> str:
         if not self.rows:
@@ -66,12 +225,15 @@ class Table:
             max(len(str(c)), *(len(row[i]) for row in self.rows))
             for i, c in enumerate(self.columns)
         ]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=False)).rstrip()]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += [
-            "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip()
-            for row in self.rows
-        ]
+
+        def line(values: Sequence[str]) -> str:
+            return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=False)).rstrip()
+
+        lines = [line(self.columns), "  ".join("-" * w for w in widths)]
+        for row, detail in zip(self.rows, self.details, strict=False):
+            lines.append(line(row))
+            lines += [f"    {d}" for d in detail]
+        lines += self.notes
         return "\n".join(lines)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
@@ -80,14 +242,33 @@ class Table:
     def _repr_html_(self) -> str:
         if not self.rows:
             return Notice(self.empty, "info").html()
-        head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join(
-            "<tr>"
-            + "".join(f"<td style='text-align:left'>{html.escape(v)}</td>" for v in row)
-            + "</tr>"
-            for row in self.rows
+        last = len(self.columns) - 1
+        # Short columns stay on one line; only the last (the longest, free text) wraps.
+        nowrap = "white-space:nowrap;"
+        head = "".join(
+            f"<th style='{_CELL}{nowrap if i < last else ''}'>{html.escape(c)}</th>"
+            for i, c in enumerate(self.columns)
+        )
+        body = []
+        for row, detail in zip(self.rows, self.details, strict=False):
+            body.append(
+                "<tr>"
+                + "".join(
+                    f"<td style='{_CELL}{nowrap if i < last else ''}'>{html.escape(v)}</td>"
+                    for i, v in enumerate(row)
+                )
+                + "</tr>"
+            )
+            if detail:
+                lines = "<br>".join(html.escape(d) for d in detail)
+                body.append(
+                    f"<tr class='ipy-dbreset-detail'>"
+                    f"<td colspan='{len(self.columns)}' style='{_DETAIL}'>{lines}</td></tr>"
+                )
+        notes = "".join(
+            f"<div style='{_DETAIL}padding-left:0'>{html.escape(n)}</div>" for n in self.notes
         )
         return (
-            f'<table class="ipy-dbreset-status"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table>"
+            f'<div class="ipy-dbreset-status"><table style="margin:0">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}</div>"
         )

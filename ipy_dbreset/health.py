@@ -29,12 +29,16 @@ class Problem(Enum):
     MARKED = "the open atomic block was marked for rollback after an error"
 
 
+_CLOSED_IN_BLOCK = "the connection closed inside an atomic block"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """A broken connection and why it is judged so."""
 
     problem: Problem
     reason: str
+    """Why, as a notice says it: ``a failed statement aborted the transaction``."""
     transaction: Transaction
 
 
@@ -53,26 +57,30 @@ def judge(wrapper: BaseDatabaseWrapper, *, suspect: bool = False) -> Verdict | N
     raw = wrapper.connection
     if raw is None:
         if wrapper.in_atomic_block:
-            return Verdict(Problem.LOST, "closed inside an atomic block", Transaction.UNKNOWN)
+            return Verdict(Problem.LOST, _CLOSED_IN_BLOCK, Transaction.UNKNOWN)
         return None
     if wrapper.closed_in_transaction:
-        return Verdict(Problem.LOST, "closed inside an atomic block", Transaction.UNKNOWN)
+        return Verdict(Problem.LOST, _CLOSED_IN_BLOCK, Transaction.UNKNOWN)
     driver = driver_for(raw)
     link = driver.link(wrapper)
     if link.closed:
-        return Verdict(Problem.LOST, "the driver reports it closed", link.transaction)
+        return Verdict(Problem.LOST, "the driver found the connection closed", link.transaction)
     if link.pending or suspect:
         liveness = driver.liveness(wrapper)
         if liveness is Liveness.LOST:
-            return Verdict(Problem.LOST, "the server closed it", link.transaction)
+            return Verdict(Problem.LOST, "the server closed the connection", link.transaction)
         if liveness is Liveness.UNREAD:
-            return Verdict(Problem.STUCK, "an interrupted query's result", link.transaction)
+            return Verdict(
+                Problem.STUCK, "a cancelled query left its result unread", link.transaction
+            )
     if link.transaction is Transaction.INERROR:
-        return Verdict(Problem.ABORTED, "a statement failed", link.transaction)
+        # After an interrupt the failed statement is, most likely, the cancelled query.
+        cause = "a cancelled query" if suspect else "a failed statement"
+        return Verdict(Problem.ABORTED, f"{cause} aborted the transaction", link.transaction)
     if link.transaction is Transaction.ACTIVE:
-        return Verdict(Problem.STUCK, "still running", link.transaction)
+        return Verdict(Problem.STUCK, "a query was left running", link.transaction)
     if wrapper.in_atomic_block and wrapper.needs_rollback:
-        return Verdict(Problem.MARKED, "a query failed inside it", link.transaction)
+        return Verdict(Problem.MARKED, "a query failed inside the atomic block", link.transaction)
     return None
 
 
@@ -115,17 +123,30 @@ def _where(settings: dict[str, object]) -> str:
     return f"{host}:{port}/{name}" if port else f"{host}/{name}"
 
 
+def settings_driver(wrapper: BaseDatabaseWrapper) -> str:
+    """The driver the backend in ``ENGINE`` uses, named as :mod:`ipy_dbreset.drivers` names it.
+
+    Read from the backend's ``Database`` module, so that it is known before
+    the first connection (``MySQLdb`` is mysqlclient's).
+    """
+    module = getattr(getattr(wrapper, "Database", None), "__name__", None)
+    if not isinstance(module, str):
+        return wrapper.vendor
+    package = module.split(".", 1)[0]
+    return "mysqlclient" if package in {"MySQLdb", "_mysql"} else package
+
+
 def snapshot(wrapper: BaseDatabaseWrapper) -> Snapshot:
     raw = wrapper.connection
     driver = driver_for(raw) if raw is not None else None
     if raw is None or driver is None:
         transaction = "not connected"
         if wrapper.in_atomic_block:
-            transaction += f", atomic block depth {len(wrapper.atomic_blocks)}"
+            transaction += f", in {open_work(wrapper)}"
         return Snapshot(
             wrapper.alias,
             wrapper.vendor,
-            "-",
+            settings_driver(wrapper),
             _where(wrapper.settings_dict),
             False,
             None,
@@ -136,11 +157,11 @@ def snapshot(wrapper: BaseDatabaseWrapper) -> Snapshot:
     if link.closed:
         transaction = "closed by the driver"
     elif link.transaction is Transaction.INERROR:
-        transaction = "aborted"
+        transaction = "aborted transaction"
     elif link.transaction is Transaction.ACTIVE:
         transaction = "query running"
     elif wrapper.in_atomic_block:
-        transaction = f"in atomic block (depth {len(wrapper.atomic_blocks)})"
+        transaction = f"in {open_work(wrapper)}"
         if wrapper.needs_rollback:
             transaction += ", marked for rollback"
     elif link.transaction is Transaction.INTRANS or (

@@ -37,6 +37,7 @@ from django.db import Error
 from django.db.backends.signals import connection_created
 
 from ipy_dbreset import ledger
+from ipy_dbreset.display import where
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import judge, open_work
 from ipy_dbreset.repair import Repair, _drop, borrowed, outside_event_loop
@@ -325,8 +326,8 @@ class IdleKeeper:
                 said.append(
                     (
                         1,
-                        f"{wrapper.alias}: transaction open for {_duration(now - seen[0])} "
-                        f"({what}); it holds its locks until it ends",
+                        f"still open after {_duration(now - seen[0])}: {what} on "
+                        f"{where(wrapper.alias)}; it holds its locks until it ends",
                     )
                 )
 
@@ -354,11 +355,16 @@ class IdleKeeper:
                     exc,
                 )
                 continue
-            text = f"{wrapper.alias} (thread {thread.name}): closed, its thread has ended"
-            if work:
-                text += f"; lost: {ledger.lost(work, 'rolled back', tally)}"
-            log.info("ipy_dbreset: %s", text)
-            said.append((1 if work else 2, text))
+            done = Repair(
+                wrapper.alias,
+                "closed",
+                "its thread has ended",
+                lost=ledger.lost(work, tally) if work else None,
+                thread=thread.name,
+            )
+            self._last[wrapper] = done
+            log.info("ipy_dbreset: %s", done.describe())
+            said.append((1 if work else 2, done.describe()))
         return said
 
     # -- the release thread ----------------------------------------------------
@@ -405,8 +411,8 @@ class IdleKeeper:
             self.tracker.version += 1
             done = Repair(
                 wrapper.alias,
-                f"closed after {_duration(self.release_after)} idle",
-                "idle_release",
+                "closed",
+                f"idle for {_duration(self.release_after)} (idle_release)",
                 hint="the next query reconnects",
             )
             self._last[wrapper] = done

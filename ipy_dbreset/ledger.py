@@ -205,20 +205,12 @@ def _writes(n: int) -> str:
     return f"{n} write" if n == 1 else f"{n} writes"
 
 
-def lost_text(lost: Tally, kept: Tally | None = None) -> str:
-    """What a discarded transaction (or inner block) held, and what its outer blocks keep.
-
-    ``2 unsaved writes (INSERT shop_order x2)``; ``nothing written was lost: it
-    only read``; with ``kept``: ``...; kept: 1 write (INSERT shop_order) in the
-    outer block(s)``.
-    """
-    if lost.writes:
-        text = f"{lost.writes} unsaved {_writes(lost.writes).split(' ', 1)[1]} ({lost.items()})"
-    else:
-        text = "nothing written was lost: it only read"
-    if kept is not None and kept.writes:
-        text += f"; kept: {_writes(kept.writes)} ({kept.items()}) in the outer block(s)"
-    return text
+def writes_text(tally: Tally, *, unsaved: bool = True) -> str:
+    """``2 unsaved writes (INSERT shop_order x2)``; ``1 write (DELETE shop_order)``."""
+    count = _writes(tally.writes)
+    if unsaved:
+        count = count.replace(" ", " unsaved ", 1)
+    return f"{count} ({tally.items()})"
 
 
 def _age(seconds: float) -> str:
@@ -419,11 +411,23 @@ def tally_of(wrapper: BaseDatabaseWrapper) -> Tally | None:
     return None if ledger is None else ledger.tally()
 
 
-def lost(work: str, why: str, tally: Tally | None, kept: Tally | None = None) -> str:
-    """A repair's ``lost`` text: ``a manual transaction (why): 2 unsaved writes (...)``.
+def lost(work: str | None, tally: Tally | None, *, verb: str = "lost") -> str:
+    """What a repair discarded: ``lost an atomic block with 2 unsaved writes (...)``.
 
-    ``tally`` is what the discarded part held (``None``: not known, the
-    connection is not tracked); ``kept`` what the outer blocks still hold.
+    ``work`` names what was discarded (``None``: the transaction the notice
+    already named); ``tally`` is what it held (``None``: not known, the
+    connection is not tracked); ``verb`` is ``rolled back`` for a reset the
+    user asked for.
     """
-    text = f"{work} ({why})"
-    return text if tally is None else f"{text}: {lost_text(tally, kept)}"
+    if tally is None:
+        return f"{verb} {work or 'the transaction'}"
+    if not tally.writes:
+        return f"nothing written was lost ({work or 'it'} only read)"
+    return f"{verb} {f'{work} with ' if work else ''}{writes_text(tally)}"
+
+
+def kept(work: str, tally: Tally | None) -> str:
+    """What a repair left in place: ``kept the outer block with 1 write (...)``."""
+    if tally is None or not tally.writes:
+        return f"kept {work}"
+    return f"kept {work} with {writes_text(tally, unsaved=False)}"

@@ -6,7 +6,7 @@ A short session::
     ipy_dbreset: Django set up with shop.settings (found in /src/shop/manage.py);
     DJANGO_SETTINGS_MODULE was set to it
     In [2]: Order.objects.create(number=1)   # IntegrityError: the cell fails ...
-    ipy_dbreset: default: rolled back (the transaction was aborted by an error: ...)
+    ipy_dbreset: rolled back db 'default': a failed statement aborted the transaction; ...
     In [3]: Order.objects.count()            # ... and the next one works
     In [4]: %dbstatus
     In [5]: %dbreset
@@ -38,7 +38,7 @@ from traitlets import Bool, Enum, Float, Int, TraitError, TraitType, Unicode, ob
 from traitlets.config.loader import DeferredConfig
 
 from ipy_dbreset.checkup import RepairFailed
-from ipy_dbreset.display import Notice, Table, repair_notice
+from ipy_dbreset.display import Notice, Table, history_table, repair_notice, status_table, threads
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -512,7 +512,7 @@ class DBReset(Magics):
             # driver's and Django's state; the sockets are for the next check.
             # One that raised may have marked a block for rollback without a query.
             failed = listen = error is not None
-            suspect = isinstance(error, KeyboardInterrupt)
+            suspect = isinstance(error, KeyboardInterrupt) or _cancelled(error)
             try:
                 if suspect or not self._healthy(listen, failed):
                     self._check(suspect, before_cell=False)
@@ -572,15 +572,15 @@ class DBReset(Magics):
         """Say, in one line, what was repaired and which repairs failed."""
         log.warning("ipy_dbreset: repair failed: %s", exc)
         parts = [r.describe() for r in exc.done]
-        parts += [f"could not repair {f.describe()}" for f in exc.failures]
-        self._say(Notice(f"{'; '.join(parts)}; run %dbreset", "error"))
+        parts += [f"could not repair {f.describe()}; run %dbreset" for f in exc.failures]
+        self._say(Notice("\n".join(parts), "error"))
         self._report([])
 
     def _report(self, repairs: list[Repair]) -> None:
         if repairs and self.verbosity >= 1:
             self._say(repair_notice(repairs))
         if self.verbosity >= 2 and self.checkup is not None and self.checkup.skipped:
-            busy = _threads(self.checkup.skipped)
+            busy = threads(self.checkup.skipped)
             self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
 
     def _say_idle(self, said: Sequence[Said]) -> None:
@@ -657,13 +657,13 @@ class DBReset(Magics):
         parts = [r.describe() for r in repairs]
         parts += [f"could not reset {f.describe()}" for f in failed]
         if left:
-            parts.append(f"left, in use by their thread: {_threads(left)}")
+            parts.append(f"left, in use by their thread: {threads(left)}")
         if failed:
-            notice = Notice("; ".join(parts), "error")
+            notice = Notice("\n".join(parts), "error")
         elif repairs:
-            notice = Notice("; ".join(parts))
+            notice = Notice("\n".join(parts))
         elif left:
-            notice = Notice("; ".join(parts), "info")
+            notice = Notice("\n".join(parts), "info")
         else:
             which = ", ".join(aliases) if aliases else "any alias"
             notice = Notice(f"nothing to reset: no open connection for {which}", "info")
@@ -704,6 +704,11 @@ class DBReset(Magics):
 
     @magic_arguments()
     @argument(
+        "--history",
+        action="store_true",
+        help="Show the session's repairs instead, newest first, with what was lost.",
+    )
+    @argument(
         "aliases",
         nargs="*",
         metavar="ALIAS",
@@ -711,15 +716,24 @@ class DBReset(Magics):
     )
     @line_magic
     def dbstatus(self, line: str) -> Table:
-        """Show every Django connection in use: driver, server id, transaction state.
-
-        For a connection in a transaction, ``uncommitted`` says how many
-        writes it holds and for how long it has been open.
+        """Show every Django connection in use: driver, server pid, transaction state.
 
         One row per connection (alias, and its thread when it is not this
-        one). Nothing is queried: the table is built from what Django and the
-        driver know locally, and never shows a password.
+        one); the state says what an open transaction holds (how many
+        writes, open for how long) and whether autocommit is off.  Under a
+        row: its last repair and why idle_release keeps it open.  Nothing is
+        queried: the table is built from what Django and the driver know
+        locally, and never shows a password.
+
+        Examples
+        --------
+        ::
+
+            %dbstatus
+            %dbstatus default
+            %dbstatus --history      # what was repaired this session, and lost
         """
+        from ipy_dbreset.checkup import Status
         from ipy_dbreset.health import snapshot
         from ipy_dbreset.network import Network
 
@@ -727,52 +741,31 @@ class DBReset(Magics):
         wanted = set(self._aliases(args.aliases)) if args.aliases else None
         if self.checkup is None:
             raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
-        rows = []
+        if args.history:
+            done = self.checkup.history()
+            return history_table([r for r in done if wanted is None or r.alias in wanted])
+        found = []
         for tracked in self.checkup.tracked():
             wrapper = tracked.wrapper
             if wanted is not None and wrapper.alias not in wanted:
                 continue
             snap = snapshot(wrapper)
-            transaction = snap.transaction
             kept = None if self._idle is None or not snap.connected else self._idle.kept(wrapper)
-            if kept is not None and transaction == "idle":
-                transaction = f"idle; kept open: {kept}"
             last = self.checkup.last.get(wrapper)
-            keepalive = Network.state(wrapper)
-            rows.append(
-                [
-                    snap.alias,
-                    tracked.thread_name or "",
-                    f"{snap.vendor} / {snap.driver}",
-                    snap.database,
-                    "yes" if snap.connected else "no",
-                    "" if snap.server_id is None else str(snap.server_id),
-                    transaction,
-                    snap.holds,
-                    "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
-                    "" if keepalive is None else keepalive.describe(),
-                    "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
-                ]
-            )
-        columns = [
-            "alias",
-            "thread",
-            "vendor / driver",
-            "database",
-            "connected",
-            "server id",
-            "transaction",
-            "uncommitted",
-            "autocommit",
-            "keepalive",
-            "last repair",
-        ]
-        return Table(columns, rows, "no database connection in use")
+            found.append(Status(tracked.thread_name, snap, last, Network.state(wrapper), kept))
+        return status_table(found)
 
 
-def _threads(connections: list[tuple[str, str | None]]) -> str:
-    """``default (thread worker_0), other (thread worker_0)``."""
-    return ", ".join(f"{alias} (thread {thread})" for alias, thread in connections)
+def _cancelled(error: BaseException | None) -> bool:
+    """Whether the cell failed because its query was cancelled (the stop button, psycopg2).
+
+    PostgreSQL's SQLSTATE 57014, on the driver's error that Django wraps.
+    """
+    cause = getattr(error, "__cause__", None)
+    return any(
+        getattr(e, "pgcode", None) == "57014" or getattr(e, "sqlstate", None) == "57014"
+        for e in (error, cause)
+    )
 
 
 def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:

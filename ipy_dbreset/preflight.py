@@ -156,8 +156,9 @@ def _look(
         _drop(wrapper)  # ensure_connection(), right after us, opens a new one
         repair = Repair(
             wrapper.alias,
-            "reconnected before a query",
-            "the server had closed the connection; no transaction was open",
+            "reconnected",
+            "the server had closed the connection",
+            lost="no transaction was open, nothing was lost",
             problem=Problem.LOST,
             thread=thread,
         )
@@ -167,9 +168,9 @@ def _look(
         # autocommit mode, without the work before them: let the query fail.
         repair = Repair(
             wrapper.alias,
-            "the server had closed the connection before a query",
-            "the query fails",
-            lost=lost(work, "the server had already discarded it", tally_of(wrapper)),
+            "let a query fail on",
+            "the server had closed the connection inside a transaction",
+            lost=lost(work, tally_of(wrapper)),
             problem=Problem.LOST,
             thread=thread,
         )

@@ -25,14 +25,15 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.db import Error
 
+from ipy_dbreset.display import repair_line, where
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge, open_work
-from ipy_dbreset.ledger import ledger_of, lost, tally_of
+from ipy_dbreset.ledger import kept, ledger_of, lost, tally_of
 from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE, in_event_loop
 
 if TYPE_CHECKING:
@@ -51,27 +52,26 @@ class Repair:
 
     alias: str
     action: str
+    """What was done, verb first; the connection follows it: ``rolled back``."""
     reason: str
+    """Why (empty: asked for): ``a failed statement aborted the transaction``."""
     lost: str | None = None
+    """What was lost or kept: ``lost an atomic block with 2 unsaved writes (...)``."""
     problem: Problem | None = None
     thread: str | None = None
     hint: str | None = None
-    when: datetime = field(default_factory=datetime.now)
+    """What the user needs to know next: ``the next query reconnects``."""
+    when: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     keep_manual: bool = False
     """The connection was in manual-transaction mode: reconnect with autocommit off."""
 
     @property
     def where(self) -> str:
-        return self.alias if self.thread is None else f"{self.alias} (thread {self.thread})"
+        return where(self.alias, self.thread)
 
     def describe(self) -> str:
-        """One line, without a prefix: ``'default: reconnected (...); lost: ...'``."""
-        text = f"{self.where}: {self.action} ({self.reason})"
-        if self.lost:
-            text += f"; lost: {self.lost}"
-        if self.hint:
-            text += f"; {self.hint}"
-        return text
+        """One line, without a prefix: ``'rolled back db 'default': ...; lost ...'``."""
+        return repair_line(self)
 
 
 @contextlib.contextmanager
@@ -234,15 +234,15 @@ def _repair(
     leave_manual: bool,
 ) -> Repair:
     alias = wrapper.alias
-    reason = f"{verdict.problem.value}: {verdict.reason}"
+    reason = verdict.reason
     if verdict.problem is Problem.STUCK and driver_for(wrapper.connection).settle(wrapper):
         return Repair(
             alias,
-            "read and dropped the unread result; the transaction is kept",
-            reason,
+            "dropped a cancelled query's unread result on",
+            "the query had run to its end on the server",
             problem=verdict.problem,
             thread=thread,
-            hint="the interrupted query ran to its end on the server",
+            hint="the transaction is kept",
         )
     if verdict.problem in (Problem.LOST, Problem.STUCK):
         work = open_work(wrapper)
@@ -259,19 +259,19 @@ def _repair(
                 pool.check()
         return Repair(
             alias,
-            "closed; the next query reconnects",
+            "closed",
             reason,
-            lost=lost(work, "the server had already discarded it", tally) if work else None,
+            lost=lost(work, tally) if work else None,
             problem=verdict.problem,
             thread=thread,
-            hint="autocommit stays off, as you had it" if manual else None,
+            hint=_next_query(manual, lost=None if work else "nothing was lost"),
             keep_manual=manual,
         )
     if verdict.problem is Problem.ABORTED and not wrapper.in_atomic_block:
         if leave_manual:
             return Repair(
                 alias,
-                "left as it is",
+                "did not roll back",
                 reason,
                 problem=verdict.problem,
                 thread=thread,
@@ -283,9 +283,13 @@ def _repair(
             alias,
             "rolled back",
             reason,
-            lost=lost("the aborted transaction", "it could not have been committed", tally),
+            lost=lost(None, tally),
             problem=verdict.problem,
             thread=thread,
+            # The user turned autocommit off (Django's flag, outside atomic blocks).
+            hint=None
+            if wrapper.get_autocommit()
+            else "autocommit is still off, so the next query opens a new transaction",
         )
     if verdict.problem is Problem.ABORTED:
         depth = len(wrapper.atomic_blocks)
@@ -298,19 +302,22 @@ def _repair(
         # The ledger saw the unwinding's ROLLBACK TO SAVEPOINT: what it still
         # holds is the outer blocks' work.
         after = tally_of(wrapper) if wrapper.in_atomic_block else None
-        if wrapper.in_atomic_block:
-            kept = len(wrapper.atomic_blocks)
-            action = f"rolled back to a savepoint; {kept} outer atomic block(s) and their work kept"
-        else:
-            action = "rolled back"
         gone = before if before is None or after is None else before - after
+        if not wrapper.in_atomic_block:
+            return Repair(
+                alias,
+                "rolled back",
+                reason,
+                lost=lost(_blocks(left), gone),
+                problem=verdict.problem,
+                thread=thread,
+            )
+        outer = len(wrapper.atomic_blocks)
         return Repair(
             alias,
-            action,
+            f"rolled back {_blocks(left, inner=True)} on",
             reason,
-            lost=lost(
-                f"{left} aborted atomic block(s)", "they could not have been committed", gone, after
-            ),
+            lost=f"{lost(None, gone)}; {kept(_blocks(outer, outer=True), after)}",
             problem=verdict.problem,
             thread=thread,
         )
@@ -318,12 +325,27 @@ def _repair(
     wrapper.needs_rollback = False
     return Repair(
         alias,
-        "cleared Django's rollback mark; the open atomic block and its writes are kept",
+        "cleared Django's rollback mark on",
         reason,
+        lost=kept(_blocks(len(wrapper.atomic_blocks)), tally_of(wrapper)),
         problem=verdict.problem,
         thread=thread,
         hint="%dbreset discards them",
     )
+
+
+def _next_query(manual: bool, *, lost: str | None) -> str:
+    """``nothing was lost, the next query reconnects (with autocommit off, as you had it)``."""
+    text = "the next query reconnects"
+    if manual:
+        text += " with autocommit off, as you had it"
+    return text if lost is None else f"{lost}, {text}"
+
+
+def _blocks(n: int, *, inner: bool = False, outer: bool = False) -> str:
+    """``the atomic block``, ``the inner atomic block``, ``2 outer atomic blocks``."""
+    kind = "inner " if inner else "outer " if outer else ""
+    return f"the {kind}atomic block" if n == 1 else f"{n} {kind}atomic blocks"
 
 
 def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair | None:
@@ -358,11 +380,11 @@ def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair 
                 wrapper.close()
             return Repair(
                 wrapper.alias,
-                "reset; the next query reconnects",
-                "requested",
-                lost=lost(work, "rolled back", tally) if work else None,
+                "reset",
+                "",
+                lost=lost(work, tally, verb="rolled back") if work else None,
                 thread=thread,
-                hint="autocommit stays off, as you had it" if manual else None,
+                hint=_next_query(manual, lost=None if work else "nothing was open"),
                 keep_manual=manual,
             )
 

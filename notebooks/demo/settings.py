@@ -29,7 +29,7 @@ DEBUG = True
 ALLOWED_HOSTS: list[str] = []
 INSTALLED_APPS = ["django.contrib.contenttypes", "shop"]
 USE_TZ = True
-TIME_ZONE = "UTC"
+TIME_ZONE = os.environ.get("IPY_DBRESET_DEMO_TIME_ZONE", "UTC")  # tests: not the machine's
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 ENGINES = {
