@@ -78,12 +78,8 @@ def where(alias: str, thread: str | None = None) -> str:
 def repair_line(repair: Repair) -> str:
     """``rolled back db 'default': <why>; lost 2 unsaved writes (...); <what next>``."""
     text = f"{repair.action} {where(repair.alias, repair.thread)}"
-    if repair.reason:
-        text += f": {repair.reason}"
-    for part in (repair.lost, repair.hint):
-        if part:
-            text += f"; {part}"
-    return text
+    said = "; ".join(part for part in (repair.reason, repair.lost, repair.hint) if part)
+    return f"{text}: {said}" if said else text
 
 
 def repair_notice(repairs: Sequence[Repair]) -> Notice:

@@ -29,7 +29,7 @@ class Problem(Enum):
     MARKED = "the open atomic block was marked for rollback after an error"
 
 
-_CLOSED_IN_BLOCK = "the connection closed inside an atomic block"
+_CLOSED_IN_BLOCK = "the connection was closed mid-transaction"
 
 
 @dataclass(frozen=True)

@@ -420,7 +420,7 @@ def lost(work: str | None, tally: Tally | None, *, verb: str = "lost") -> str:
     user asked for.
     """
     if tally is None:
-        return f"{verb} {work or 'the transaction'}"
+        return f"{verb} {work or 'its work'}"
     if not tally.writes:
         return f"nothing written was lost ({work or 'it'} only read)"
     return f"{verb} {f'{work} with ' if work else ''}{writes_text(tally)}"

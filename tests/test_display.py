@@ -166,7 +166,9 @@ def test_dbstatus_fits_a_terminal_and_puts_the_last_repair_under_its_row(pg, pos
     assert row.startswith("default") and DRIVERS[0] in row, table
     assert re.search(r"\s\d+\s+manual transaction: 1 write, open \d+ s$", row), table
     # The last repair, in the machine's local time (not Django's TIME_ZONE, far from it).
-    found = re.fullmatch(r"    last repair (\d\d:\d\d:\d\d): rolled back db 'default': (.*)", detail)
+    found = re.fullmatch(
+        r"    last repair (\d\d:\d\d:\d\d): rolled back db 'default': (.*)", detail
+    )
     assert found, table
     assert "lost 1 unsaved write (INSERT shop_order)" in found.group(2), table
     shown = datetime.strptime(found.group(1), "%H:%M:%S").time()

@@ -278,7 +278,9 @@ def test_aborted_manual_transaction_is_rolled_back(pg, postgres_db, driver):
     assert verdict is not None and verdict.problem is Problem.ABORTED, verdict
     assert verdict.transaction is Transaction.INERROR
     done = repair(pg, verdict)
-    assert done.action == "rolled back" and "aborted transaction" in (done.lost or ""), done
+    assert done.action == "rolled back" and done.lost == "lost its work", done
+    assert done.reason == "a failed statement aborted the transaction", done
+    assert done.hint == "autocommit is still off, so the next query opens a new transaction"
     assert judge(pg) is None
     assert pg.get_autocommit() is False
     insert(pg, 3)
@@ -296,7 +298,7 @@ def test_aborted_manual_transaction_is_left_to_the_user_when_asked(pg, checkup, 
     insert(pg, 1)
     insert_twice(pg, 1)
     done = engine.run()
-    assert done is not None and [r.action for r in done] == ["left as it is"], done
+    assert done is not None and [r.action for r in done] == ["did not roll back"], done
     assert engine.run() == []  # told once; still broken, so not taken as healthy
     verdict = judge(pg)
     assert verdict is not None and verdict.problem is Problem.ABORTED
@@ -322,8 +324,8 @@ def test_error_in_nested_atomic_block_unwinds_inner_and_keeps_outer(pg, postgres
     verdict = judge(pg)
     assert verdict is not None and verdict.problem is Problem.ABORTED, verdict
     done = repair(pg, verdict)
-    assert "1 outer atomic block(s)" in done.action, done
-    assert done.lost == "1 aborted atomic block(s) (they could not have been committed)"
+    assert done.action == "rolled back the inner atomic block on", done
+    assert done.lost == "lost its work; kept the outer atomic block", done
     assert pg.in_atomic_block and len(pg.atomic_blocks) == 1
     assert judge(pg) is None
     insert(pg, 3)
@@ -342,7 +344,7 @@ def test_reset_rolls_back_an_open_atomic_block(pg, postgres_db, driver):
     transaction.atomic(using=ALIAS).__enter__()
     insert(pg, 2)
     done = reset(pg)
-    assert done is not None and done.lost == "an atomic block (rolled back)", done
+    assert done is not None and done.lost == "rolled back an atomic block", done
     assert not pg.in_atomic_block and pg.connection is None
     assert reset(pg) is None  # nothing left to reset
     assert pg_committed(postgres_db) == [1]
@@ -382,7 +384,7 @@ def test_marked_atomic_block_on_sqlite_keeps_its_writes(lite):
     verdict = judge(lite)
     assert verdict is not None and verdict.problem is Problem.MARKED, verdict
     done = repair(lite, verdict)
-    assert done.lost is None and "kept" in done.action, done
+    assert done.lost == "kept the atomic block" and done.hint == "%dbreset discards them", done
     assert lite.in_atomic_block and not lite.needs_rollback
     assert judge(lite) is None
     insert(lite, 2)
@@ -480,7 +482,7 @@ def test_unread_mysql_result_is_read_and_the_transaction_kept(my, mysql_db):
     verdict = judge(my, suspect=True)
     assert verdict is not None and verdict.problem is Problem.STUCK, verdict
     done = repair(my, verdict)
-    assert "the transaction is kept" in done.action, done
+    assert done.hint == "the transaction is kept" and "unread result" in done.action, done
     assert judge(my, suspect=True) is None
     insert(my, 2)
     my.commit()

@@ -52,11 +52,10 @@ def test_idle_connection_is_released_and_the_next_cell_reconnects(
     wait_for(lambda: pid not in backends(postgres_db), "the idle backend closed")
     cell = kernel.ok("Order.objects.create(number=1); backend()")
     assert cell.value() != pid
-    assert any("default: closed after 1 s idle (idle_release)" in n for n in cell.notices), (
-        cell.notices
-    )
+    said = "closed db 'default': idle for 1 s (idle_release); the next query reconnects"
+    assert any(said in n for n in cell.notices), cell.notices
     status = str(kernel.ok("status = %dbstatus\nprint(status)").stdout)
-    assert "closed after 1 s idle" in status, status
+    assert "last repair" in status and "idle for 1 s (idle_release)" in status, status
     # Released again after the next wait, and again the cell after works.
     second = cell.value()
     wait_for(lambda: second not in backends(postgres_db), "the idle backend closed again")
@@ -71,7 +70,7 @@ def test_connection_opened_before_the_option_is_kept(start_kernel, postgres_url,
     kernel.ok(f"%config DBReset.idle_release = {IDLE}")
     assert stays(pid, postgres_db, 2.5 * IDLE)
     status = kernel.ok("status = %dbstatus\nprint(status)").stdout
-    assert "kept open: opened before idle_release was set" in status, status
+    assert "kept open despite idle_release: opened before idle_release was set" in status, status
 
 
 # Each: what to run (on a fresh connection), then a cell that must find it intact.
@@ -159,7 +158,9 @@ def test_ended_worker_threads_connection_is_closed(start_kernel, postgres_url, p
     wait_for(lambda: worker_pid not in backends(postgres_db), "the ended thread's backend closed")
     assert shell_pid in backends(postgres_db)
     notices = cell.notices + kernel.ok("gc.enable(); Order.objects.count()").notices
-    assert "ipy_dbreset: default (thread worker): closed, its thread has ended" in notices, notices
+    assert "ipy_dbreset: closed db 'default' (thread worker): its thread has ended" in notices, (
+        notices
+    )
     assert kernel.failed == 0
 
 
@@ -174,7 +175,7 @@ def test_long_transaction_is_pointed_out_once_and_left_alone(
     wait_for(lambda: time.monotonic() - since > 1.2, "a second passed")
     cell = kernel.ok("1 + 1")
     assert cell.notices == [
-        "ipy_dbreset: default: transaction open for 1 s (a manual transaction); "
+        "ipy_dbreset: still open after 1 s: a manual transaction on db 'default'; "
         "it holds its locks until it ends"
     ], cell.notices
     assert kernel.ok("2 + 2").notices == []
@@ -186,7 +187,9 @@ def test_long_transaction_is_pointed_out_once_and_left_alone(
     since = time.monotonic()
     wait_for(lambda: time.monotonic() - since > 1.2, "a second passed")
     cell = kernel.ok("block.__exit__(None, None, None)")
-    assert any("(an atomic block)" in n for n in cell.notices), cell.notices
+    assert any(
+        "still open after 1 s: an atomic block on db 'default'" in n for n in cell.notices
+    ), cell.notices
     assert kernel.ok("Order.objects.count()").value() == 2
     assert kernel.failed == 0
 

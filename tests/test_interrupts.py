@@ -122,22 +122,27 @@ def test_next_cell_after_interrupted_postgres_query_works(
         assert cancelled, f"psycopg 3 should cancel the query, took {done.seconds:.1f} s"
     if mode == "autocommit":
         assert done.next_cell.value() == 1
-        assert not any("lost" in n for n in done.notices)
+        assert not any("; lost " in n for n in done.notices), done.notices
     elif cancelled and mode == "nested atomic blocks":
         # Only the inner block was aborted: rolling back to its savepoint keeps
         # the outer block and row 2, which the user then commits.
         assert done.next_cell.value() == 2
-        assert any("savepoint" in n and "kept" in n for n in done.notices), done.notices
+        assert any(
+            "rolled back the inner atomic block" in n and "kept the outer atomic block" in n
+            for n in done.notices
+        ), done.notices
         kernel.ok("outer.__exit__(None, None, None)")
     elif cancelled:
         # The cancelled statement aborted the transaction: nothing in it could be
         # committed any more, and the user is told.
         assert done.next_cell.value() == 1
-        assert any("lost" in n and "aborted" in n for n in done.notices), done.notices
+        assert any("a cancelled query aborted the transaction; lost " in n for n in done.notices), (
+            done.notices
+        )
     else:
         # The query ran to its end: the transaction is intact and is kept.
         assert done.next_cell.value() == 2
-        assert not any("lost" in n for n in done.notices), done.notices
+        assert not any("; lost " in n for n in done.notices), done.notices
         kernel.ok(MODES[mode][1])
     assert kernel.failed == 1
     row_2_kept = mode != "autocommit" and (not cancelled or mode == "nested atomic blocks")
@@ -187,8 +192,11 @@ def test_interrupted_mysql_query_keeps_the_open_transaction(
     done = interrupt_long_query(kernel, mode, MYSQL_QUERY, MYSQL_ID)
     # The query ran to its end on the server: the transaction is intact, and
     # only the result the interrupt left unread is dropped.
-    assert not any("lost" in n for n in done.notices), done.notices
-    assert any("unread result" in n for n in done.notices), done.notices
+    assert not any("; lost " in n for n in done.notices), done.notices
+    assert any(
+        "unread result on db 'default'" in n and "the transaction is kept" in n
+        for n in done.notices
+    ), done.notices
     assert done.next_cell.value() == 2
     kernel.ok(MODES[mode][1])
     assert kernel.failed == 1
@@ -209,7 +217,9 @@ def test_stop_button_cancels_psycopg2_query_when_asked(start_kernel, postgres_ur
     # Django raises psycopg2's QueryCanceled as its OperationalError.
     assert cell.ename == "OperationalError", cell.shown
     assert "canceling statement due to user request" in cell.evalue
-    assert any("rolled back" in n for n in cell.notices), cell.notices
+    # The stop button, not a failed statement: said so.
+    cancelled = "rolled back db 'default': a cancelled query aborted the transaction; lost 1 "
+    assert any(cancelled in n for n in cell.notices), cell.notices
     assert pg_running(pid) == []
     assert kernel.ok("Order.objects.count()").value() == 1
     kernel.ok("%config DBReset.interruptible_psycopg2 = False")
@@ -260,7 +270,8 @@ def test_interrupt_during_the_repair_before_a_cell_stops_the_cell_after_the_noti
     assert_no_callback_error(cell)
     # The repair was done and told whole: the user learns the transaction was lost ...
     assert len(cell.notices) == 1, cell.shown
-    assert "closed" in cell.notices[0] and "lost" in cell.notices[0], cell.notices
+    assert cell.notices[0].startswith("ipy_dbreset: closed db 'default': "), cell.notices
+    assert "lost a manual transaction with" in cell.notices[0], cell.notices
     # ... and the interrupt stopped the cell before its first statement.
     assert cell.status == "error" and cell.ename == "KeyboardInterrupt", cell.shown
     assert kernel.ok("'body_ran' in globals()").value() is False

@@ -69,7 +69,7 @@ def test_integrity_error_in_manual_transaction_names_the_lost_writes(pg_kernel):
     failed = pg_kernel.run("Order.objects.create(number=1)")
     assert failed.ename == "IntegrityError"
     notice = only_notice(failed)
-    assert "lost: the aborted transaction" in notice
+    assert "rolled back db 'default': a failed statement aborted the transaction; lost " in notice
     assert "4 unsaved writes (INSERT shop_order x2, UPDATE shop_order x2)" in notice, notice
     after = pg_kernel.ok("%dbstatus")
     assert "writes, open" not in after.shown  # the transaction is over
@@ -82,8 +82,7 @@ def test_only_the_writes_since_the_last_commit_are_named(pg_kernel):
     pg_kernel.ok("transaction.commit(); Order.objects.filter(number=2).delete()")
     failed = pg_kernel.run("Order.objects.create(number=1)")
     assert failed.ename == "IntegrityError"
-    assert "lost" in only_notice(failed)
-    assert "1 unsaved write (DELETE shop_order)" in only_notice(failed)
+    assert "lost 1 unsaved write (DELETE shop_order)" in only_notice(failed)
 
 
 @pytest.mark.postgres
@@ -92,7 +91,8 @@ def test_aborted_transaction_that_only_read_lost_nothing_written(pg_kernel):
     failed = pg_kernel.run('Order.objects.extra(where=["no_such_column = 1"]).count()')
     assert failed.ename == "ProgrammingError"
     notice = only_notice(failed)
-    assert "lost: the aborted transaction" in notice and "nothing written was lost" in notice
+    assert "rolled back db 'default': a failed statement aborted" in notice
+    assert "nothing written was lost (it only read)" in notice, notice
 
 
 @pytest.mark.postgres
@@ -103,8 +103,11 @@ def test_terminated_backend_in_atomic_block_names_the_lost_writes(pg_kernel, pos
     wait_until_disconnected(postgres_db)
     cell = pg_kernel.run("Order.objects.count()")
     notice = cell.notices[0]
-    assert "lost: an atomic block" in notice
-    assert "4 unsaved writes (INSERT shop_order x2, UPDATE shop_order x2)" in notice, notice
+    assert "closed db 'default': the server closed the connection" in notice
+    assert (
+        "lost an atomic block with 4 unsaved writes (INSERT shop_order x2, UPDATE shop_order x2)"
+        in notice
+    ), notice
     no_secret(status, cell)
 
 
@@ -118,9 +121,9 @@ def test_unwound_inner_block_names_its_writes_and_keeps_the_outer_ones(pg_kernel
     failed = pg_kernel.run("Order.objects.create(number=1)")
     assert failed.ename == "IntegrityError"
     notice = only_notice(failed)
-    assert "rolled back to a savepoint" in notice
-    assert "2 unsaved writes (INSERT shop_order, DELETE shop_order)" in notice, notice
-    assert "kept: 1 write (INSERT shop_order) in the outer block" in notice, notice
+    assert "rolled back the inner atomic block on db 'default'" in notice
+    assert "lost 2 unsaved writes (INSERT shop_order, DELETE shop_order)" in notice, notice
+    assert "kept the outer atomic block with 1 write (INSERT shop_order)" in notice, notice
     status = pg_kernel.ok("%dbstatus")
     assert "1 write, open" in status.shown, status.shown
 
@@ -139,7 +142,7 @@ def test_killed_connection_in_manual_transaction_names_the_lost_writes(
     cell = kernel.ok("Order.objects.count()")
     assert cell.value() == 1
     notice = only_notice(cell)
-    assert "lost: a manual transaction" in notice
+    assert "lost a manual transaction with 4 unsaved writes (INSERT shop_order x2, " in notice
     assert "4 unsaved writes (INSERT shop_order x2, UPDATE shop_order x2)" in notice, notice
     no_secret(status, cell)
 
@@ -151,6 +154,6 @@ def test_reset_names_the_writes_it_discards_on_sqlite(start_kernel, sqlite_url):
     assert "4 writes, open" in status.shown, status.shown
     reset = kernel.ok("%dbreset")
     notice = only_notice(reset)
-    assert "reset" in notice and "lost: an atomic block (rolled back)" in notice
+    assert notice.startswith("ipy_dbreset: reset db 'default': rolled back an atomic block with")
     assert "4 unsaved writes (INSERT shop_order x2, UPDATE shop_order x2)" in notice, notice
     no_secret(status, reset)

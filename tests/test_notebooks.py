@@ -121,9 +121,12 @@ def test_quickstart_on_sqlite_keeps_what_sqlite_kept_and_resets_on_request(tmp_p
     assert any("cleared Django's rollback mark" in n for n in run.notices(leaked))
     assert run.result(run.after(leaked)) == "4"
 
-    assert "in atomic block" in run.result(run.cell("%dbstatus"))
+    assert "in an atomic block: 1 write" in run.result(run.cell("%dbstatus"))
     reset = run.cell("%dbreset")
-    assert any("reset" in n and "lost: an atomic block" in n for n in run.notices(reset))
+    said = (
+        "reset db 'default': rolled back an atomic block with 1 unsaved write (INSERT shop_order)"
+    )
+    assert any(said in n for n in run.notices(reset)), run.notices(reset)
     assert run.result(run.after(reset)) == "3"
 
 
@@ -141,7 +144,7 @@ def test_demo_command_prints_the_quickstart_and_leaves_no_database_behind():
     transcript = done.stdout
     assert "In [1]: %load_ext ipy_dbreset" in transcript
     assert "IntegrityError: UNIQUE constraint failed" in transcript
-    assert "ipy_dbreset: default: cleared Django's rollback mark" in transcript
+    assert "ipy_dbreset: cleared Django's rollback mark on db 'default'" in transcript
     assert "every cell ran as expected (2 failed on purpose)" in transcript
     status = re.search(r"In \[\d+\]: %dbstatus\n(.*?)\n\n", transcript, re.DOTALL)
     assert status, transcript
@@ -170,31 +173,34 @@ def test_recovering_notebook_repairs_each_failure(tmp_path, postgres_url):
     # IntegrityError in a manual transaction: rolled back, said so, autocommit still off.
     aborted = run.cell('Order.objects.create(number=4, customer="Barbara")')
     (notice,) = run.notices(aborted)
-    assert "rolled back" in notice and "could not have been committed" in notice
+    assert "rolled back db 'default': a failed statement aborted the transaction" in notice
+    assert "autocommit is still off, so the next query opens a new transaction" in notice
     assert run.texts(run.after(aborted)) == ["False", "3"]
 
     # The same with aborted_manual_transactions = "leave": a hint, and the user rolls back.
     left = run.cell('aborted_manual_transactions = "leave"')
     (notice,) = run.notices(left)
-    assert "left as it is" in notice and "transaction.rollback()" in notice
+    assert "did not roll back db 'default'" in notice and "transaction.rollback()" in notice
     assert run.result(run.after(left)) == "3"
 
     # Nested atomic blocks: only the inner one is lost, the outer one commits order 10.
     nested = run.cell("inner.__enter__()")
     (notice,) = run.notices(nested)
-    assert "rolled back to a savepoint" in notice and "1 outer atomic block(s)" in notice
+    assert "rolled back the inner atomic block on db 'default'" in notice, notice
+    assert "kept the outer atomic block with 1 write (INSERT shop_order)" in notice, notice
     assert run.texts(run.after(nested)) == ["[1, 2, 3, 10]", "4"]
 
     # The backend terminated between cells: reconnected, the lost transaction named.
     terminated = run.cell("pg_terminate_backend")
     following = run.after(terminated)
     notices = run.notices(terminated) + run.notices(following)
-    assert any("closed; the next query reconnects" in n for n in notices), notices
-    assert any("lost: a manual transaction" in n for n in notices), notices
+    closed = "closed db 'default': the server closed the connection; lost a manual transaction"
+    assert any(closed in n for n in notices), notices
     assert [t for t in run.texts(following) if not t.startswith("ipy_dbreset")] == ["False", "4"]
 
     status = run.result(run.cell("%dbstatus"))
-    assert "postgresql" in status and "idle" in status and "closed; the next query" in status
+    assert "psycopg" in status and "idle" in status, status
+    assert "last repair" in status and "closed db 'default'" in status, status
 
 
 @pytest.mark.postgres

@@ -78,7 +78,10 @@ def test_first_cell_after_terminated_backend_works(kernel, postgres_db):
     cell = kernel.ok("Order.objects.count(), x")
     assert cell.value() == (2, 42)
     notice = only_notice(cell)
-    assert "default" in notice and "connection to the server was lost" in notice
+    assert notice == (
+        "ipy_dbreset: closed db 'default': the server closed the connection; "
+        "nothing was lost, the next query reconnects"
+    )
     assert kernel.failed == 0
     assert committed(postgres_db) == [1, 2]
 
@@ -90,7 +93,9 @@ def test_first_cell_after_terminated_backend_in_manual_transaction_works(kernel,
     cell = kernel.ok("Order.objects.count()")
     assert cell.value() == 1  # the server discarded the uncommitted row with its transaction
     notice = only_notice(cell)
-    assert "lost: a manual transaction (the server had already discarded it)" in notice
+    assert "closed db 'default': the server closed the connection" in notice, notice
+    assert "lost a manual transaction with 1 unsaved write (INSERT shop_order)" in notice, notice
+    assert "the next query reconnects with autocommit off, as you had it" in notice, notice
     # The user is still in manual transaction mode, on a fresh connection.
     assert kernel.ok("transaction.get_autocommit()").value() is False
     kernel.ok("Order.objects.create(number=3); transaction.commit()")
@@ -107,7 +112,7 @@ def test_first_cell_after_idle_session_timeout_works(
         wait_until_disconnected(postgres_db)  # the server gives up after 1s of idleness
         cell = kernel.ok("Order.objects.count(), x")
     assert cell.value() == (1, 42)
-    assert "connection to the server was lost" in only_notice(cell)
+    assert only_notice(cell).startswith("ipy_dbreset: closed db 'default': the server closed")
     assert kernel.failed == 0
     assert committed(postgres_db) == [1]
 
@@ -122,7 +127,7 @@ def test_first_cell_after_idle_in_transaction_timeout_works(
         wait_until_disconnected(postgres_db)
         cell = kernel.ok("Order.objects.count()")
     assert cell.value() == 1
-    assert "lost: a manual transaction" in only_notice(cell)
+    assert "lost a manual transaction with 1 unsaved write (INSERT shop_order)" in only_notice(cell)
     assert kernel.failed == 0
     assert committed(postgres_db) == [1]
 
@@ -136,7 +141,8 @@ def test_cell_after_integrity_error_in_manual_transaction_works(kernel, postgres
     failed = kernel.run("Order.objects.create(number=1)")
     assert failed.ename == "IntegrityError"
     notice = only_notice(failed)
-    assert "default: rolled back" in notice and "lost: the aborted transaction" in notice
+    assert "rolled back db 'default': a failed statement aborted the transaction" in notice
+    assert "lost 1 unsaved write (INSERT shop_order)" in notice, notice
     # Still in the user's manual transaction mode; the aborted transaction took row 2 with it.
     assert kernel.ok("Order.objects.count()").value() == 1
     kernel.ok("Order.objects.create(number=3); transaction.commit()")
@@ -150,7 +156,8 @@ def test_cell_after_error_in_open_atomic_block_works(kernel, postgres_db):
     failed = kernel.run("Order.objects.create(number=1)")
     assert failed.ename == "IntegrityError"
     notice = only_notice(failed)
-    assert "rolled back" in notice and "1 aborted atomic block(s)" in notice
+    assert "rolled back db 'default': a failed statement aborted the transaction" in notice
+    assert "lost the atomic block with 1 unsaved write (INSERT shop_order)" in notice, notice
     assert kernel.ok("Order.objects.count(), connection.in_atomic_block").value() == (1, False)
     assert kernel.failed == 1
     assert committed(postgres_db) == [1]
@@ -163,7 +170,9 @@ def test_error_in_nested_atomic_block_keeps_outer_block(kernel, postgres_db):
     failed = kernel.run("Order.objects.create(number=1)")
     assert failed.ename == "IntegrityError"
     notice = only_notice(failed)
-    assert "rolled back to a savepoint; 1 outer atomic block(s) and their work kept" in notice
+    assert "rolled back the inner atomic block on db 'default'" in notice, notice
+    lost = "lost 1 unsaved write (INSERT shop_order)"
+    assert f"{lost}; kept the outer atomic block with 1 write (INSERT shop_order)" in notice
     shown = kernel.ok("sorted(Order.objects.values_list('number', flat=True))")
     assert shown.value() == [1, 2]
     assert kernel.ok("connection.in_atomic_block").value() is True
@@ -180,7 +189,7 @@ def test_cell_after_error_while_displaying_result_works(kernel, postgres_db):
     # The query runs only when IPython shows the QuerySet, after the cell's code.
     shown = kernel.run('Order.objects.extra(where=["no_such_column = 1"])')
     assert shown.ename == "ProgrammingError" and "no_such_column" in (shown.evalue or "")
-    assert "default: rolled back" in only_notice(shown)
+    assert "rolled back db 'default': a failed statement aborted" in only_notice(shown)
     assert kernel.ok("Order.objects.count()").value() == 1
     assert kernel.failed == 1
     assert committed(postgres_db) == [1]
@@ -197,7 +206,7 @@ def test_cell_after_caught_integrity_error_in_manual_transaction_works(kernel, p
         "    print('duplicate')\n"
     )
     assert "duplicate" in caught.stdout
-    assert "default: rolled back" in only_notice(caught)
+    assert "rolled back db 'default': a failed statement aborted" in only_notice(caught)
     assert kernel.ok("Order.objects.count()").value() == 1
     assert kernel.failed == 0
     assert committed(postgres_db) == [1]
@@ -265,7 +274,8 @@ def test_aborted_manual_transaction_left_to_user_when_asked(kernel, postgres_db)
     failed = kernel.run("Order.objects.create(number=1)")
     assert failed.ename == "IntegrityError"
     notice = only_notice(failed)
-    assert "left as it is" in notice and "transaction.rollback()" in notice
+    assert "did not roll back db 'default': a failed statement aborted the transaction" in notice
+    assert "run transaction.rollback() (or %dbreset) to continue" in notice
     status = kernel.ok("%dbstatus")
     assert "aborted" in status.texts[-1]  # not rolled back behind the user's back
     assert not status.notices
@@ -304,7 +314,8 @@ def test_cell_after_termination_at_the_very_end_of_a_cell_works(kernel, postgres
     for attempt in range(20):
         terminated = kernel.ok(TERMINATE_AT_THE_VERY_END.format(number=100 + attempt))
         after = kernel.ok("Order.objects.count()")
-        assert any("lost: a manual transaction" in n for n in terminated.notices + after.notices)
+        said = terminated.notices + after.notices
+        assert any("lost a manual transaction with" in n for n in said), said
         assert after.value() == 0
         kernel.ok("transaction.rollback(); transaction.set_autocommit(True)")
     assert kernel.failed == 0

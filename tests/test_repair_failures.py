@@ -111,7 +111,7 @@ def backend_pid():
         cursor.execute("select pg_backend_pid()")
         return cursor.fetchone()[0]
 """
-EXECUTOR = "default (thread ThreadPoolExecutor-0_0)"
+EXECUTOR = "db 'default' (thread ThreadPoolExecutor-0_0)"
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
@@ -149,7 +149,7 @@ def test_failed_repair_does_not_stop_the_others(
     kernel.ok("transaction.set_autocommit(False, using='other')")
     left = kernel.run("Order.objects.using('other').create(number=2)")
     assert left.ename == "IntegrityError"
-    assert any("other: left as it is" in n for n in left.notices), left.notices
+    assert any("did not roll back db 'other'" in n for n in left.notices), left.notices
     firewall.forget()
     # One cell asks for the rollback and loses the executor's connection: the
     # check after it has two connections to repair, and one repair fails.
@@ -165,10 +165,11 @@ def test_failed_repair_does_not_stop_the_others(
         "        time.sleep(0.05)"
     )
     [notice] = cell.notices
-    assert "could not repair other: OperationalError" in notice
-    assert f"{EXECUTOR}: closed; the next query reconnects" in notice
-    assert "lost: an atomic block" in notice
-    assert notice.endswith("run %dbreset")
+    closed, failed = notice.splitlines()  # one line each
+    assert failed.startswith("ipy_dbreset: could not repair db 'other': OperationalError")
+    assert closed.startswith(f"ipy_dbreset: closed {EXECUTOR}: the server closed the connection")
+    assert "lost an atomic block with 1 unsaved write (INSERT shop_order)" in closed
+    assert failed.endswith("; run %dbreset")
     # Both work again.
     assert kernel.ok("await Order.objects.acount()").value() == 1
     assert kernel.ok("Order.objects.using('other').count()").value() == 1
@@ -186,10 +187,14 @@ def test_failed_reset_does_not_stop_the_others(
     cell = kernel.ok("result = %dbreset")
     # The reset's notice, then the check after the cell closes what it left broken.
     notice, after = cell.notices
-    assert after.startswith("ipy_dbreset: other: closed; the next query reconnects")
-    assert "could not reset other: OperationalError" in notice
-    assert f"{EXECUTOR}: reset; the next query reconnects" in notice
-    assert "default: reset; the next query reconnects" in notice
+    assert after.startswith("ipy_dbreset: closed db 'other': "), after
+    lines = notice.splitlines()
+    assert len(lines) == 3, notice
+    assert any(
+        line.startswith("ipy_dbreset: could not reset db 'other': Operational") for line in lines
+    )
+    assert f"ipy_dbreset: reset {EXECUTOR}: rolled back an atomic block with" in notice
+    assert "ipy_dbreset: reset db 'default': nothing was open, the next query reconnects" in lines
     failed = kernel.ok("[(f.alias, f.thread, f.error.split(':')[0]) for f in result.failed]")
     assert failed.value() == [("other", None, "OperationalError")]
     assert kernel.ok("len(result)").value() == 2

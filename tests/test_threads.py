@@ -66,7 +66,7 @@ def backend_pid():
         cursor.execute("select pg_backend_pid()")
         return cursor.fetchone()[0]
 """
-EXECUTOR = "default (thread ThreadPoolExecutor-"
+EXECUTOR = "db 'default' (thread ThreadPoolExecutor-"
 
 
 def sleeping(dbname: str) -> bool:
@@ -94,7 +94,8 @@ def test_async_orm_atomic_block_after_terminated_backend_is_repaired(
     cell = kernel.ok("await Order.objects.acount()")
     assert cell.value() == 0  # the block's row went with the server's session
     assert any(
-        EXECUTOR in n and "closed" in n and "lost: an atomic block" in n for n in cell.notices
+        f"closed {EXECUTOR}" in n and "lost an atomic block with 1 unsaved write" in n
+        for n in cell.notices
     ), cell.notices
     cell = kernel.ok("await Order.objects.acount()")
     assert cell.value() == 0
@@ -118,7 +119,7 @@ def test_async_orm_atomic_block_after_duplicate_key_is_repaired(
     # still on its way back to waiting for work when the first check ran.
     notices = failed.notices + cell.notices
     assert any(
-        EXECUTOR in n and "rolled back" in n and "lost: 1 aborted atomic block" in n
+        f"rolled back {EXECUTOR}" in n and "lost the atomic block with 1 unsaved write" in n
         for n in notices
     ), notices
     assert (
@@ -161,9 +162,8 @@ def test_dbreset_resets_async_orm_thread_and_names_busy_worker(
     wait_for(lambda: sleeping(postgres_db), "sleeping")
     cell = kernel.ok("result = %dbreset")
     [notice] = cell.notices
-    assert f"{EXECUTOR}0_0): reset; the next query reconnects" in notice
-    assert "lost: an atomic block (rolled back)" in notice
-    assert "left, in use by their thread: default (thread worker_0)" in notice
+    assert f"reset {EXECUTOR}0_0): rolled back an atomic block with 1 unsaved write" in notice
+    assert "left, in use by their thread: db 'default' (thread worker_0)" in notice
     assert kernel.ok("result.left").value() == [("default", "worker_0")]
     assert kernel.ok("sorted(r.thread or '' for r in result)").value() == [
         "",
@@ -192,7 +192,9 @@ def test_async_orm_call_after_terminated_backend_works(
     wait_until_disconnected(postgres_db)
     cell = kernel.ok("await Order.objects.acount()")
     assert cell.value() == 1
-    assert any("lost" in notice and "thread" in notice for notice in cell.notices)
+    assert any(
+        "closed db 'default' (thread " in n and "nothing was lost" in n for n in cell.notices
+    ), cell.notices
     assert kernel.failed == 0
 
 
@@ -252,7 +254,8 @@ def test_verbose_mode_names_connections_left_alone(start_kernel, postgres_url):
     kernel.ok("%config DBReset.verbosity = 2")
     cell = kernel.ok("Order.objects.count()")
     assert any(
-        "not checked, in use by their thread: default (thread worker" in n for n in cell.notices
+        "not checked, in use by their thread: db 'default' (thread worker" in n
+        for n in cell.notices
     )
     kernel.ok("go.set(); job.result()")
     assert not any("not checked" in n for n in kernel.ok("Order.objects.count()").notices)
