@@ -57,10 +57,12 @@ class Notice:
         color, background = _KINDS.get(self.kind, _KINDS["info"])
         style = _STYLE.format(color=color, background=background)
         first, *more = (html.escape(line) for line in self.lines)
-        rest = "".join(f"<div>{line}</div>" for line in more)
+        # A hanging indent: a line that wraps is told from the next line.
+        hang = "padding-left:1.5em;text-indent:-1.5em"
+        rest = "".join(f'<div style="{hang}">{line}</div>' for line in more)
         return (
             f'<div class="ipy-dbreset-notice" style="{style}">'
-            f"<div><b>{PREFIX}</b>: {first}</div>{rest}</div>"
+            f'<div style="{hang}"><b>{PREFIX}</b>: {first}</div>{rest}</div>'
         )
 
     def __str__(self) -> str:
@@ -128,7 +130,7 @@ def _state(status: Status) -> str:
     text = snap.transaction
     if snap.autocommit is False and text == "in a transaction":
         text = "manual transaction"  # what autocommit off outside atomic blocks opens
-    elif snap.autocommit is False:
+    elif snap.autocommit is False and "atomic block" not in text:  # (always off in one)
         text += "; autocommit off"
     if snap.holds:
         text += f": {snap.holds}"
@@ -142,7 +144,8 @@ def _last(repair: Repair) -> str:
 def status_table(statuses: Sequence[Status]) -> Table:
     """``%dbstatus``: a row of essentials per connection, the long things under it.
 
-    The thread column appears only when another thread's connection is listed;
+    The thread column appears only when another thread's connection is listed,
+    the server pid only when a connection has one (SQLite has none);
     keepalive settings that every connection shares are said once, under the
     table; those that differ go under their row.
     """
@@ -151,13 +154,16 @@ def status_table(statuses: Sequence[Status]) -> Table:
         s.keepalive is not None for s in statuses if s.snapshot.connected
     )
     with_thread = any(s.thread for s in statuses)
+    with_pid = any(s.snapshot.server_id is not None for s in statuses)  # none for SQLite
     columns = ["alias", *(["thread"] if with_thread else []), "driver", "database"]
-    columns += ["server pid", "state"]
+    columns += [*(["server pid"] if with_pid else []), "state"]
     rows, details = [], []
     for status in statuses:
         snap = status.snapshot
         row = [snap.alias, *([status.thread or ""] if with_thread else []), snap.driver]
-        row += [snap.database, "" if snap.server_id is None else str(snap.server_id)]
+        row.append(snap.database)
+        if with_pid:
+            row.append("" if snap.server_id is None else str(snap.server_id))
         rows.append([*row, _state(status)])
         detail = []
         if status.kept is not None:
@@ -167,23 +173,32 @@ def status_table(statuses: Sequence[Status]) -> Table:
         if status.last is not None:
             detail.append(_last(status.last))
         details.append(detail)
-    notes = [f"keepalive on every connection: {keepalives.pop()}"] if shared else []
+    notes = [f"every connection's keepalive: {keepalives.pop()}"] if shared else []
     return Table(columns, rows, "no database connection in use", details=details, notes=notes)
 
 
 def history_table(repairs: Sequence[Repair]) -> Table:
-    """``%dbstatus --history``: the session's repairs, newest first, with what was lost."""
-    rows = [
-        [clock(r.when), where(r.alias, r.thread), r.action, r.reason, r.lost or "nothing"]
-        for r in reversed(repairs)
-    ]
-    columns = ["time", "connection", "done", "why", "lost"]
-    return Table(columns, rows, "no repair in this session yet")
+    """``%dbstatus --history``: the session's repairs, newest first, with what was lost.
+
+    A row says when, on which connection, what was done; the line under it
+    why, and what was lost or kept.
+    """
+    rows, details = [], []
+    for repair in reversed(repairs):
+        done = repair.action.removesuffix(" on")  # "rolled back the inner atomic block on"
+        rows.append([clock(repair.when), where(repair.alias, repair.thread), done])
+        said = "; ".join(part for part in (repair.reason, repair.lost, repair.hint) if part)
+        details.append([said] if said else [])
+    columns = ["time", "connection", "done"]
+    return Table(columns, rows, "no repair in this session yet", details=details)
 
 
 # -- tables --------------------------------------------------------------------------
 
-_CELL = "text-align:left;vertical-align:top;padding:2px 10px 2px 0;"
+# Row cells stay on one line (the long things are in the detail rows); JupyterLab
+# lays tables out fixed, which squeezes a column to a sliver: not this one.
+_TABLE = "margin:0;table-layout:auto;"
+_CELL = "text-align:left;vertical-align:top;padding:2px 12px 2px 0;white-space:nowrap;"
 _DETAIL = (
     "text-align:left;padding:0 10px 4px 1.5em;font-size:0.9em;"
     "color:var(--jp-content-font-color2,#666);white-space:normal;"
@@ -238,21 +253,12 @@ class Table:
     def _repr_html_(self) -> str:
         if not self.rows:
             return Notice(self.empty, "info").html()
-        last = len(self.columns) - 1
-        # Short columns stay on one line; only the last (the longest, free text) wraps.
-        nowrap = "white-space:nowrap;"
-        head = "".join(
-            f"<th style='{_CELL}{nowrap if i < last else ''}'>{html.escape(c)}</th>"
-            for i, c in enumerate(self.columns)
-        )
+        head = "".join(f"<th style='{_CELL}'>{html.escape(c)}</th>" for c in self.columns)
         body = []
         for row, detail in zip(self.rows, self.details, strict=False):
             body.append(
                 "<tr>"
-                + "".join(
-                    f"<td style='{_CELL}{nowrap if i < last else ''}'>{html.escape(v)}</td>"
-                    for i, v in enumerate(row)
-                )
+                + "".join(f"<td style='{_CELL}'>{html.escape(v)}</td>" for v in row)
                 + "</tr>"
             )
             if detail:
@@ -265,6 +271,6 @@ class Table:
             f"<div style='{_DETAIL}padding-left:0'>{html.escape(n)}</div>" for n in self.notes
         )
         return (
-            f'<div class="ipy-dbreset-status"><table style="margin:0">'
+            f'<div class="ipy-dbreset-status"><table style="{_TABLE}">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}</div>"
         )

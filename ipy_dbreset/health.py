@@ -71,7 +71,7 @@ def judge(wrapper: BaseDatabaseWrapper, *, suspect: bool = False) -> Verdict | N
             return Verdict(Problem.LOST, "the server closed the connection", link.transaction)
         if liveness is Liveness.UNREAD:
             return Verdict(
-                Problem.STUCK, "a cancelled query left its result unread", link.transaction
+                Problem.STUCK, "an interrupted query left its result unread", link.transaction
             )
     if link.transaction is Transaction.INERROR:
         # After an interrupt the failed statement is, most likely, the cancelled query.

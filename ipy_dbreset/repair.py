@@ -238,7 +238,7 @@ def _repair(
     if verdict.problem is Problem.STUCK and driver_for(wrapper.connection).settle(wrapper):
         return Repair(
             alias,
-            "dropped a cancelled query's unread result on",
+            "dropped an interrupted query's unread result on",
             "the query had run to its end on the server",
             problem=verdict.problem,
             thread=thread,
@@ -317,7 +317,7 @@ def _repair(
             alias,
             f"rolled back {_blocks(left, inner=True)} on",
             reason,
-            lost=f"{lost(None, gone)}; {kept(_blocks(outer, outer=True), after)}",
+            lost=f"{lost(None, gone)}; {kept(_blocks(outer, outer=True, noun='block'), after)}",
             problem=verdict.problem,
             thread=thread,
         )
@@ -327,7 +327,7 @@ def _repair(
         alias,
         "cleared Django's rollback mark on",
         reason,
-        lost=kept(_blocks(len(wrapper.atomic_blocks)), tally_of(wrapper)),
+        lost=kept(_blocks(len(wrapper.atomic_blocks), noun="block"), tally_of(wrapper)),
         problem=verdict.problem,
         thread=thread,
         hint="%dbreset discards them",
@@ -342,10 +342,13 @@ def _next_query(manual: bool, *, lost: str | None) -> str:
     return text if lost is None else f"{lost}, {text}"
 
 
-def _blocks(n: int, *, inner: bool = False, outer: bool = False) -> str:
-    """``the atomic block``, ``the inner atomic block``, ``2 outer atomic blocks``."""
+def _blocks(n: int, *, inner: bool = False, outer: bool = False, noun: str = "atomic block") -> str:
+    """``the atomic block``, ``the inner atomic block``, ``2 outer blocks``.
+
+    ``noun="block"`` once the notice has said "atomic block" already.
+    """
     kind = "inner " if inner else "outer " if outer else ""
-    return f"the {kind}atomic block" if n == 1 else f"{n} {kind}atomic blocks"
+    return f"the {kind}{noun}" if n == 1 else f"{n} {kind}{noun}s"
 
 
 def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair | None:

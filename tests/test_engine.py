@@ -325,7 +325,7 @@ def test_error_in_nested_atomic_block_unwinds_inner_and_keeps_outer(pg, postgres
     assert verdict is not None and verdict.problem is Problem.ABORTED, verdict
     done = repair(pg, verdict)
     assert done.action == "rolled back the inner atomic block on", done
-    assert done.lost == "lost its work; kept the outer atomic block", done
+    assert done.lost == "lost its work; kept the outer block", done
     assert pg.in_atomic_block and len(pg.atomic_blocks) == 1
     assert judge(pg) is None
     insert(pg, 3)
@@ -384,7 +384,7 @@ def test_marked_atomic_block_on_sqlite_keeps_its_writes(lite):
     verdict = judge(lite)
     assert verdict is not None and verdict.problem is Problem.MARKED, verdict
     done = repair(lite, verdict)
-    assert done.lost == "kept the atomic block" and done.hint == "%dbreset discards them", done
+    assert done.lost == "kept the block" and done.hint == "%dbreset discards them", done
     assert lite.in_atomic_block and not lite.needs_rollback
     assert judge(lite) is None
     insert(lite, 2)

@@ -117,7 +117,7 @@ def test_integrity_error_in_leaked_atomic_block_keeps_writes(start_kernel, mysql
     kernel.ok("block = transaction.atomic(); block.__enter__(); Order.objects.create(number=1)")
     cell = kernel.run("Order.objects.create(number=1)")
     assert cell.ename == "IntegrityError"
-    kept = "kept the atomic block with 1 write (INSERT shop_order)"
+    kept = "kept the block with 1 write (INSERT shop_order)"
     assert any("rollback mark on db 'default'" in n and kept in n for n in cell.notices), (
         cell.notices
     )

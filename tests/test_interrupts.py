@@ -128,7 +128,7 @@ def test_next_cell_after_interrupted_postgres_query_works(
         # the outer block and row 2, which the user then commits.
         assert done.next_cell.value() == 2
         assert any(
-            "rolled back the inner atomic block" in n and "kept the outer atomic block" in n
+            "rolled back the inner atomic block" in n and "kept the outer block" in n
             for n in done.notices
         ), done.notices
         kernel.ok("outer.__exit__(None, None, None)")

@@ -123,7 +123,7 @@ def test_unwound_inner_block_names_its_writes_and_keeps_the_outer_ones(pg_kernel
     notice = only_notice(failed)
     assert "rolled back the inner atomic block on db 'default'" in notice
     assert "lost 2 unsaved writes (INSERT shop_order, DELETE shop_order)" in notice, notice
-    assert "kept the outer atomic block with 1 write (INSERT shop_order)" in notice, notice
+    assert "kept the outer block with 1 write (INSERT shop_order)" in notice, notice
     status = pg_kernel.ok("%dbstatus")
     assert "1 write, open" in status.shown, status.shown
 

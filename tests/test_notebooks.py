@@ -187,7 +187,7 @@ def test_recovering_notebook_repairs_each_failure(tmp_path, postgres_url):
     nested = run.cell("inner.__enter__()")
     (notice,) = run.notices(nested)
     assert "rolled back the inner atomic block on db 'default'" in notice, notice
-    assert "kept the outer atomic block with 1 write (INSERT shop_order)" in notice, notice
+    assert "kept the outer block with 1 write (INSERT shop_order)" in notice, notice
     assert run.texts(run.after(nested)) == ["[1, 2, 3, 10]", "4"]
 
     # The backend terminated between cells: reconnected, the lost transaction named.
@@ -212,7 +212,10 @@ def test_async_orm_notebook_recovers_the_worker_threads_connection(tmp_path, pos
     assert run.result(run.cell("async for")) == "['Ada', 'Grace']"
     assert run.result(run.cell("arefresh_from_db")) == "'Grace Hopper'"
     status = run.result(run.cell("%dbstatus"))
-    assert len(status.splitlines()) == 4, status  # header, rule, the shell's and the worker's
+    lines = status.splitlines()
+    # Header, rule, the shell's and the worker's, and the keepalive they share.
+    assert len(lines) == 5 and lines[-1].startswith("every connection's keepalive: on"), status
+    assert lines[0].split()[:2] == ["alias", "thread"] and "ThreadPoolExecutor" in lines[3]
 
     terminated = run.cell("pg_terminate_backend")
     after = run.after(terminated)

@@ -172,7 +172,7 @@ def test_error_in_nested_atomic_block_keeps_outer_block(kernel, postgres_db):
     notice = only_notice(failed)
     assert "rolled back the inner atomic block on db 'default'" in notice, notice
     lost = "lost 1 unsaved write (INSERT shop_order)"
-    assert f"{lost}; kept the outer atomic block with 1 write (INSERT shop_order)" in notice
+    assert f"{lost}; kept the outer block with 1 write (INSERT shop_order)" in notice
     shown = kernel.ok("sorted(Order.objects.values_list('number', flat=True))")
     assert shown.value() == [1, 2]
     assert kernel.ok("connection.in_atomic_block").value() is True

@@ -75,7 +75,7 @@ def test_integrity_error_in_open_atomic_block_keeps_earlier_writes(kernel, sqlit
     notice = failed.notices[0]
     assert notice == (
         "ipy_dbreset: cleared Django's rollback mark on db 'default': a query failed inside the "
-        "atomic block; kept the atomic block with 1 write (INSERT shop_order); "
+        "atomic block; kept the block with 1 write (INSERT shop_order); "
         "%dbreset discards them"
     ), notice
     # Without the repair Django would refuse every query until the block is left.
