@@ -34,7 +34,6 @@ class Verdict:
 
     problem: Problem
     reason: str
-    transaction: Transaction
 
 
 def judge(wrapper: BaseDatabaseWrapper, *, suspect: bool = False) -> Verdict | None:
@@ -52,26 +51,26 @@ def judge(wrapper: BaseDatabaseWrapper, *, suspect: bool = False) -> Verdict | N
     raw = wrapper.connection
     if raw is None:
         if wrapper.in_atomic_block:
-            return Verdict(Problem.LOST, "closed inside an atomic block", Transaction.UNKNOWN)
+            return Verdict(Problem.LOST, "closed inside an atomic block")
         return None
     if wrapper.closed_in_transaction:
-        return Verdict(Problem.LOST, "closed inside an atomic block", Transaction.UNKNOWN)
+        return Verdict(Problem.LOST, "closed inside an atomic block")
     driver = driver_for(raw)
     link = driver.link(wrapper)
     if link.closed:
-        return Verdict(Problem.LOST, "the driver reports it closed", link.transaction)
+        return Verdict(Problem.LOST, "the driver reports it closed")
     if link.pending or suspect:
         liveness = driver.liveness(wrapper)
         if liveness is Liveness.LOST:
-            return Verdict(Problem.LOST, "the server closed it", link.transaction)
+            return Verdict(Problem.LOST, "the server closed it")
         if liveness is Liveness.UNREAD:
-            return Verdict(Problem.STUCK, "an interrupted query's result", link.transaction)
+            return Verdict(Problem.STUCK, "an interrupted query's result")
     if link.transaction is Transaction.INERROR:
-        return Verdict(Problem.ABORTED, "a statement failed", link.transaction)
+        return Verdict(Problem.ABORTED, "a statement failed")
     if link.transaction is Transaction.ACTIVE:
-        return Verdict(Problem.STUCK, "still running", link.transaction)
+        return Verdict(Problem.STUCK, "still running")
     if wrapper.in_atomic_block and wrapper.needs_rollback:
-        return Verdict(Problem.MARKED, "a query failed inside it", link.transaction)
+        return Verdict(Problem.MARKED, "a query failed inside it")
     return None
 
 

@@ -38,6 +38,7 @@ from traitlets.config.loader import DeferredConfig
 
 from ipy_dbreset.checkup import RepairFailed
 from ipy_dbreset.display import Notice, Table, repair_notice
+from ipy_dbreset.project import Source
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -288,7 +289,7 @@ class DBReset(Magics):
         )
         self._healthy, self._check_all = self.checkup.healthy, self.checkup.check_all
         self._switches_changed()
-        if setup.source != "already set up":
+        if setup.source is not Source.ALREADY_SET_UP:
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
             log.info("ipy_dbreset: %s", setup.describe())
             if self.verbosity >= 1:
@@ -669,8 +670,6 @@ def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
         message = str(exc)
     except ValueError as exc:  # the line does not split, e.g. "No closing quotation"
         message = str(exc)
-    except SystemExit:  # argparse giving up without a message
-        message = f"cannot parse {line!r}"
     raise UsageError(f"%{name}: {message}; see %{name}?")
 
 

@@ -31,7 +31,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ipy_dbreset.drivers import driver_for
-from ipy_dbreset.health import Problem, open_work
+from ipy_dbreset.health import open_work
 from ipy_dbreset.repair import Repair, _drop
 
 if TYPE_CHECKING:
@@ -157,7 +157,6 @@ def _look(
             wrapper.alias,
             "reconnected before a query",
             "the server had closed the connection; no transaction was open",
-            problem=Problem.LOST,
             thread=thread,
         )
         log.info("ipy_dbreset: %s", repair.describe())
@@ -169,7 +168,6 @@ def _look(
             "the server had closed the connection before a query",
             "the query fails",
             lost=f"{work} (the server had already discarded it)",
-            problem=Problem.LOST,
             thread=thread,
         )
         log.warning("ipy_dbreset: %s", repair.describe())

@@ -52,7 +52,6 @@ class Repair:
     action: str
     reason: str
     lost: str | None = None
-    problem: Problem | None = None
     thread: str | None = None
     hint: str | None = None
     when: datetime = field(default_factory=datetime.now)
@@ -120,9 +119,11 @@ def _transaction(wrapper: BaseDatabaseWrapper) -> Transaction:
 def _leave_innermost_atomic_block(wrapper: BaseDatabaseWrapper) -> None:
     """Leave the innermost atomic block as if an exception had propagated out of it.
 
-    This mirrors ``django.db.transaction.Atomic.__exit__`` on its error path,
-    but works on a given wrapper (``Atomic`` looks the connection up in the
-    current thread, which is not always the owner here).
+    This mirrors ``django.db.transaction.Atomic.__exit__`` on its error path
+    (``exc_type`` set) as Django 4.2 to 5.2 write it, compared line by line
+    with 5.2: an upgrade of Django should compare it again.  It works on a
+    given wrapper (``Atomic`` looks the connection up in the current thread,
+    which is not always the owner here).
     """
     if wrapper.in_atomic_block:
         wrapper.atomic_blocks.pop()
@@ -193,8 +194,12 @@ def _drop(wrapper: BaseDatabaseWrapper) -> None:
     raw = wrapper.connection
     if raw is not None:
         # Close the driver connection first so that a pool (Django 5.1+) sees
-        # it closed and discards it instead of handing it out again.
-        with contextlib.suppress(Exception):
+        # it closed and discards it instead of handing it out again.  Closing a
+        # dead connection may fail in the driver or on the socket: it is
+        # being discarded either way (as Django's db/utils.py narrows
+        # through the backend's own Database.Error).
+        driver_error: type[Exception] = wrapper.Database.Error  # type: ignore[attr-defined]
+        with contextlib.suppress(driver_error, OSError):
             raw.close()
     with _quiet_pool(), contextlib.suppress(Error):
         wrapper.close()
@@ -236,7 +241,6 @@ def _repair(
             alias,
             "read and dropped the unread result; the transaction is kept",
             reason,
-            problem=verdict.problem,
             thread=thread,
             hint="the interrupted query ran to its end on the server",
         )
@@ -257,7 +261,6 @@ def _repair(
             "closed; the next query reconnects",
             reason,
             lost=f"{work} (the server had already discarded it)" if work else None,
-            problem=verdict.problem,
             thread=thread,
             hint="autocommit stays off, as you had it" if manual else None,
             keep_manual=manual,
@@ -268,7 +271,6 @@ def _repair(
                 alias,
                 "left as it is",
                 reason,
-                problem=verdict.problem,
                 thread=thread,
                 hint="run transaction.rollback() (or %dbreset) to continue",
             )
@@ -278,7 +280,6 @@ def _repair(
             "rolled back",
             reason,
             lost="the aborted transaction (it could not have been committed)",
-            problem=verdict.problem,
             thread=thread,
         )
     if verdict.problem is Problem.ABORTED:
@@ -298,7 +299,6 @@ def _repair(
             action,
             reason,
             lost=f"{left} aborted atomic block(s) (they could not have been committed)",
-            problem=verdict.problem,
             thread=thread,
         )
     # Problem.MARKED: the database still holds a usable transaction.
@@ -307,7 +307,6 @@ def _repair(
         alias,
         "cleared Django's rollback mark; the open atomic block and its writes are kept",
         reason,
-        problem=verdict.problem,
         thread=thread,
         hint="%dbreset discards them",
     )
