@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from django.db import Error
@@ -16,6 +17,7 @@ from django.db import Error
 from ipy_dbreset.drivers import Sockets, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge
 from ipy_dbreset.repair import Repair, repair, reset
+from ipy_dbreset.tracking import touching
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -228,8 +230,8 @@ class Checkup:
                 wrapper = tracked.wrapper
                 if wrapper.connection is None and not wrapper.in_atomic_block:
                     continue
-                with self.tracker.hold(tracked) as hold:
-                    if not hold.free:
+                with self.tracker.hold(tracked) as free:
+                    if not free:
                         clean = False
                         self.skipped.append((wrapper.alias, tracked.thread_name))
                         log.debug(
@@ -286,11 +288,15 @@ class Checkup:
         if leave and key in self._told:
             return  # the user was told already; it is theirs to end
         try:
-            result = repair(
+            result = touching(
                 wrapper,
-                verdict,
-                thread=thread,
-                leave_manual_transactions=self.leave_manual_transactions,
+                partial(
+                    repair,
+                    wrapper,
+                    verdict,
+                    thread=thread,
+                    leave_manual_transactions=self.leave_manual_transactions,
+                ),
             )
         except Error as exc:
             log.warning("ipy_dbreset: could not repair %s in thread %s", *key, exc_info=True)
@@ -323,13 +329,13 @@ class Checkup:
             if wanted is not None and wrapper.alias not in wanted:
                 continue
             key = (wrapper.alias, tracked.thread_name)
-            with self.tracker.hold(tracked) as hold:
-                if not hold.free:
+            with self.tracker.hold(tracked) as free:
+                if not free:
                     log.info("ipy_dbreset: %s in thread %s is in use; not reset", *key)
                     self.skipped.append(key)
                     continue
                 try:
-                    result = reset(wrapper, thread=tracked.thread_name)
+                    result = touching(wrapper, partial(reset, wrapper, thread=tracked.thread_name))
                 except Error as exc:
                     log.warning("ipy_dbreset: could not reset %s in thread %s", *key, exc_info=True)
                     failed.append(Failure(*key, _error(exc)))

@@ -352,7 +352,7 @@ class DBReset(Magics):
         self._apply_interruptible()
 
     def _in_kernel(self) -> bool:
-        from ipy_dbreset.project import in_event_loop
+        from ipy_dbreset.tracking import in_event_loop
 
         return getattr(self.shell, "kernel", None) is not None or in_event_loop()
 

@@ -567,14 +567,3 @@ def _failed_message(module: str, source: str, exc: BaseException) -> str:
             " Django cannot retry a failed setup in this process: restart the shell (or kernel)."
         )
     return text
-
-
-def in_event_loop() -> bool:
-    """Whether code here runs inside an event loop, as cells do in a Jupyter kernel."""
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True

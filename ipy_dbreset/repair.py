@@ -22,26 +22,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from django.db import Error
 
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge, open_work
-from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE, in_event_loop
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,44 +65,6 @@ class Repair:
         if self.hint:
             text += f"; {self.hint}"
         return text
-
-
-@contextlib.contextmanager
-def borrowed(wrapper: BaseDatabaseWrapper) -> Iterator[None]:
-    """Allow this thread to use ``wrapper`` for the duration of a repair."""
-    wrapper.inc_thread_sharing()
-    try:
-        yield
-    finally:
-        wrapper.dec_thread_sharing()
-
-
-def outside_event_loop(func: Callable[[], T]) -> T:
-    """Run ``func`` where Django's async-safety check lets it run.
-
-    In a Jupyter kernel the cell runs inside an event loop, and Django refuses
-    synchronous database calls there unless ``DJANGO_ALLOW_ASYNC_UNSAFE`` is
-    set.  Repairs must work even when the user opted out of that, so they run
-    in a short-lived thread while this one waits (it is not using the
-    connection meanwhile).
-    """
-    if not in_event_loop() or os.environ.get(ASYNC_UNSAFE_VARIABLE):
-        return func()
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome.append(func())
-        except BaseException as exc:  # re-raised in the calling thread
-            failure.append(exc)
-
-    worker = threading.Thread(target=run, name="ipy_dbreset-repair", daemon=True)
-    worker.start()
-    worker.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
 
 
 def _transaction(wrapper: BaseDatabaseWrapper) -> Transaction:
@@ -217,13 +174,11 @@ def repair(
     thread: str | None = None,
     leave_manual_transactions: bool = False,
 ) -> Repair:
-    """Repair ``wrapper`` according to ``verdict`` and say what was done."""
+    """Repair ``wrapper`` according to ``verdict`` and say what was done.
 
-    def act() -> Repair:
-        with borrowed(wrapper):
-            return _repair(wrapper, verdict, thread, leave_manual_transactions)
-
-    done = outside_event_loop(act)
+    Run it where touching ``wrapper`` is allowed (:func:`ipy_dbreset.tracking.touching`).
+    """
+    done = _repair(wrapper, verdict, thread, leave_manual_transactions)
     log.info("ipy_dbreset: %s", done.describe())
     return done
 
@@ -315,42 +270,38 @@ def _repair(
 def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair | None:
     """Roll back whatever ``wrapper`` holds and close it, on the user's request.
 
-    Returns ``None`` when there was nothing to reset (not connected).
+    Returns ``None`` when there was nothing to reset (not connected).  Run it
+    where touching ``wrapper`` is allowed (:func:`ipy_dbreset.tracking.touching`).
     """
     if wrapper.connection is None and not wrapper.in_atomic_block:
         return None
-
-    def act() -> Repair:
-        with borrowed(wrapper):
-            work = open_work(wrapper)
-            # The user's mode, from Django's own flags: autocommit off outside
-            # atomic blocks, or an outermost block entered with it off (Atomic
-            # then leaves commit_on_exit False and autocommit alone).
-            manual = wrapper.connection is not None and not wrapper.autocommit
-            manual = manual and (not wrapper.in_atomic_block or not wrapper.commit_on_exit)
-            if wrapper.connection is None or judge(wrapper) is not None:
-                # Nothing in it can be committed any more; do not try.
-                _drop(wrapper)
-            else:
-                if not wrapper.in_atomic_block and _transaction(wrapper) is Transaction.IDLE:
-                    work = None
-                while wrapper.in_atomic_block:
-                    wrapper.needs_rollback = True
-                    _leave_innermost_atomic_block(wrapper)
-                if not wrapper.get_autocommit():
-                    wrapper.rollback()
-                # A healthy connection goes back to its pool, if it has one.
-                wrapper.close()
-            return Repair(
-                wrapper.alias,
-                "reset; the next query reconnects",
-                "requested",
-                lost=f"{work} (rolled back)" if work else None,
-                thread=thread,
-                hint="autocommit stays off, as you had it" if manual else None,
-                keep_manual=manual,
-            )
-
-    done = outside_event_loop(act)
+    work = open_work(wrapper)
+    # The user's mode, from Django's own flags: autocommit off outside atomic
+    # blocks, or an outermost block entered with it off (Atomic then leaves
+    # commit_on_exit False and autocommit alone).
+    manual = wrapper.connection is not None and not wrapper.autocommit
+    manual = manual and (not wrapper.in_atomic_block or not wrapper.commit_on_exit)
+    if wrapper.connection is None or judge(wrapper) is not None:
+        # Nothing in it can be committed any more; do not try.
+        _drop(wrapper)
+    else:
+        if not wrapper.in_atomic_block and _transaction(wrapper) is Transaction.IDLE:
+            work = None
+        while wrapper.in_atomic_block:
+            wrapper.needs_rollback = True
+            _leave_innermost_atomic_block(wrapper)
+        if not wrapper.get_autocommit():
+            wrapper.rollback()
+        # A healthy connection goes back to its pool, if it has one.
+        wrapper.close()
+    done = Repair(
+        wrapper.alias,
+        "reset; the next query reconnects",
+        "requested",
+        lost=f"{work} (rolled back)" if work else None,
+        thread=thread,
+        hint="autocommit stays off, as you had it" if manual else None,
+        keep_manual=manual,
+    )
     log.info("ipy_dbreset: %s", done.describe())
     return done
