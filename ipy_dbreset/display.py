@@ -1,4 +1,8 @@
-"""Rendering notices and connection status, as plain text and as HTML for notebooks."""
+"""Rendering notices and connection status, as plain text and as HTML for notebooks.
+
+What a check, a reset or ``%dbstatus`` found is turned into words here;
+nothing here knows IPython or touches a connection.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
+    from ipy_dbreset.checkup import Outcome, Status
     from ipy_dbreset.repair import Repair
 
 PREFIX = "ipy_dbreset"
@@ -49,6 +54,72 @@ class Notice:
 def repair_notice(repairs: Sequence[Repair]) -> Notice:
     """One notice for all repairs of a check: ``default: ...; other: ...``."""
     return Notice("; ".join(r.describe() for r in repairs))
+
+
+def threads(connections: Iterable[tuple[str, str | None]]) -> str:
+    """``default (thread worker_0), other (thread worker_0)``."""
+    return ", ".join(f"{alias} (thread {thread})" for alias, thread in connections)
+
+
+def failure_notice(outcome: Outcome) -> Notice:
+    """What a check repaired and which repairs failed, in one line."""
+    parts = [r.describe() for r in outcome.repairs]
+    parts += [f"could not repair {f.describe()}" for f in outcome.failures]
+    return Notice(f"{'; '.join(parts)}; run %dbreset", "error")
+
+
+def skipped_notice(outcome: Outcome) -> Notice:
+    return Notice(f"not checked, in use by their thread: {threads(outcome.skipped)}", "info")
+
+
+def reset_notice(outcome: Outcome, aliases: Sequence[str] | None) -> Notice:
+    """What ``%dbreset`` did, left alone and could not do, in one line."""
+    parts = [r.describe() for r in outcome.repairs]
+    parts += [f"could not reset {f.describe()}" for f in outcome.failures]
+    if outcome.skipped:
+        parts.append(f"left, in use by their thread: {threads(outcome.skipped)}")
+    if outcome.failures:
+        return Notice("; ".join(parts), "error")
+    if outcome.repairs:
+        return Notice("; ".join(parts))
+    if outcome.skipped:
+        return Notice("; ".join(parts), "info")
+    which = ", ".join(aliases) if aliases else "any alias"
+    return Notice(f"nothing to reset: no open connection for {which}", "info")
+
+
+STATUS_COLUMNS = (
+    "alias",
+    "thread",
+    "vendor / driver",
+    "database",
+    "connected",
+    "server id",
+    "transaction",
+    "autocommit",
+    "last repair",
+)
+
+
+def status_table(statuses: Iterable[Status]) -> Table:
+    """``%dbstatus``: one row per connection; never a password."""
+    rows = []
+    for status in statuses:
+        snap, last = status.snapshot, status.last
+        rows.append(
+            [
+                snap.alias,
+                status.thread or "",
+                f"{snap.vendor} / {snap.driver}",
+                snap.database,
+                "yes" if snap.connected else "no",
+                "" if snap.server_id is None else str(snap.server_id),
+                snap.transaction,
+                "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
+                "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
+            ]
+        )
+    return Table(STATUS_COLUMNS, rows, "no database connection in use")
 
 
 class Table:

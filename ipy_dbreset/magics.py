@@ -16,13 +16,16 @@ Configure it like any IPython extension, with ``%config`` or in
 
     c.DBReset.check_before_cell = True
     c.DBReset.aborted_manual_transactions = "leave"
+
+Everything that judges, repairs and describes connections is the engine's
+(:class:`~ipy_dbreset.checkup.Checkup`) and :mod:`ipy_dbreset.display`'s; this
+module holds one ``Checkup`` and connects it to the shell.
 """
 
 from __future__ import annotations
 
 import ast
 import logging
-import os
 import signal
 import sys
 import threading
@@ -36,9 +39,24 @@ from IPython.display import display
 from traitlets import Bool, Enum, Int, TraitError, TraitType, Unicode, observe
 from traitlets.config.loader import DeferredConfig
 
-from ipy_dbreset.checkup import RepairFailed
-from ipy_dbreset.display import Notice, Table, repair_notice
-from ipy_dbreset.project import Source
+from ipy_dbreset.checkup import Checkup, Outcome
+from ipy_dbreset.display import (
+    Notice,
+    Table,
+    failure_notice,
+    repair_notice,
+    reset_notice,
+    skipped_notice,
+    status_table,
+)
+from ipy_dbreset.project import (
+    ASYNC_UNSAFE_VARIABLE,
+    ProjectError,
+    Source,
+    allow_async_unsafe,
+    setup_django,
+)
+from ipy_dbreset.tracking import in_event_loop
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -48,7 +66,6 @@ if TYPE_CHECKING:
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
-    from ipy_dbreset.checkup import Checkup, Failure
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -59,35 +76,20 @@ _EVENTS = ("pre_run_cell", "post_run_cell")
 class ResetResult(list["Repair"]):
     """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset.
 
-    Shown later (``result`` alone in a cell), it shows the notice; the cell that
-    ran the magic does not show it as its output (see :meth:`DBReset.dbreset`).
+    ``.left``: (alias, thread) of the connections left alone because their
+    thread was using them; ``.failed``: those that could not be reset, with the
+    database's error.  Shown later (``result`` alone in a cell), it shows the
+    notice; the cell that ran the magic does not show it as its output.
     """
 
-    def __init__(
-        self,
-        repairs: list[Repair],
-        notice: Notice,
-        *,
-        left: list[tuple[str, str | None]] | None = None,
-        failed: list[Failure] | None = None,
-    ) -> None:
-        super().__init__(repairs)
+    def __init__(self, outcome: Outcome, notice: Notice) -> None:
+        super().__init__(outcome.repairs)
         self.notice = notice
-        self.left = left or []
-        """(alias, thread) of the connections left alone because their thread was using them."""
-        self.failed = failed or []
-        """The connections that could not be reset, with the database's error."""
+        self.left = list(outcome.skipped)
+        self.failed = list(outcome.failures)
 
     def _ipython_display_(self) -> None:
         display(self.notice)
-
-
-def _not_running(suspect: bool) -> None:
-    return None
-
-
-def _nothing_to_check(listen: bool, failed: bool) -> bool:
-    return True
 
 
 @contextmanager
@@ -220,18 +222,23 @@ class DBReset(Magics):
 
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
         # Before super().__init__: it loads the shell's config, which runs the observers.
-        self.checkup: Checkup | None = None
-        self._set_async_unsafe = False
-        self._set_wait_callback = False
-        # The displayhook that %dbreset set aside for the rest of its cell (see dbreset).
+        # The engine: watches connections from start() to stop().
+        self.checkup = Checkup(threading.current_thread())
+        self._running = False  # between start() and stop()
+        # What start() changed in the process, for stop() to undo.
+        self._set_async_unsafe = self._set_wait_callback = False
+        # The displayhook that %dbreset set aside for the rest of its cell (see
+        # _not_as_output), and the results it keeps from showing as Out[n].
         self._displayhook: DisplayHook | None = None
-        self._hidden: list[ResetResult] = []  # what it keeps from showing as Out[n]
+        self._hidden: list[ResetResult] = []
         # Set while an interrupt held back before a cell waits for that cell.
         self._stop_cell: _StopCell | None = None
+        # What the callbacks do, read as plain attributes around every cell
+        # (trait reads cost more than judging a healthy connection): whether
+        # to check, the checkup's fast path and its full check.
         self._check_before = self._check_after = False
-        # The checkup's fast path, and its full check (only when the first says no).
-        self._healthy: Callable[[bool, bool], bool] = _nothing_to_check
-        self._check_all: Callable[[bool], list[Repair] | None] = _not_running
+        self._healthy = self.checkup.healthy
+        self._check_all = self.checkup.check_all
         # Said while a kernel started up, before any cell could show it: shown
         # with the first cell's output.
         self._held: list[Notice] = []
@@ -244,7 +251,6 @@ class DBReset(Magics):
                 with suppress(ValueError):
                     shell.configurables.remove(self)  # type: ignore[arg-type]
             raise BadOption(self._bad_option(shell, exc)) from None
-        self._switches_changed()
 
     def _bad_option(self, shell: InteractiveShell | None, exc: Exception) -> str:
         """``c.DBReset.verbosity = 'x' is not valid: expected 0, 1 or 2``."""
@@ -258,7 +264,7 @@ class DBReset(Magics):
             shown = str(raw) if isinstance(raw, DeferredConfig) else raw  # --DBReset.x=...
             try:
                 # On this instance, which is being thrown away: its traits are
-                # still the defaults, and its observers see no checkup to act on.
+                # still the defaults, and its observers see nothing running.
                 value = raw.get_value(trait) if isinstance(raw, DeferredConfig) else raw
                 setattr(self, name, value)
             except (TraitError, ValueError):
@@ -272,64 +278,49 @@ class DBReset(Magics):
 
     def start(self) -> None:
         """Set up Django and start watching connections; raise UsageError if it cannot."""
-        from ipy_dbreset.project import ProjectError, setup_django
-
         try:
             setup = setup_django(self.settings_module)
         except ProjectError as exc:
             raise UsageError(f"ipy_dbreset: {exc}") from None
-
-        from ipy_dbreset.checkup import Checkup
-        from ipy_dbreset.tracking import ConnectionTracker
-
-        tracker = ConnectionTracker(threading.current_thread())
-        tracker.start()
-        self.checkup = Checkup(
-            tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
-        )
-        self._healthy, self._check_all = self.checkup.healthy, self.checkup.check_all
+        self.checkup.start()
+        self._running = True
         self._switches_changed()
         if setup.source is not Source.ALREADY_SET_UP:
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
             log.info("ipy_dbreset: %s", setup.describe())
-            if self.verbosity >= 1:
-                self._say(Notice(setup.describe(), "info"))
-        elif self.verbosity >= 2:
-            self._say(Notice(f"using Django as it was set up ({setup.settings_module})", "info"))
+            self._say(Notice(setup.describe(), "info"))
+        else:
+            self._say(Notice(f"using Django as it was set up ({setup.settings_module})", "info"), 2)
         self._apply_async_unsafe()
         self._apply_interruptible()
 
     def stop(self) -> None:
         """Stop watching connections and undo what :meth:`start` changed, saying what."""
-        if self.checkup is not None:
-            self.checkup.tracker.stop()
-            self.checkup = None
-            self._healthy, self._check_all = _nothing_to_check, _not_running
+        if self._running:
+            self.checkup.stop()
+            self._running = False
             self._switches_changed()
         self._forget_cell_state()
         undone = []
         if self._set_async_unsafe:
-            from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
-
-            os.environ.pop(ASYNC_UNSAFE_VARIABLE, None)
+            allow_async_unsafe(False)
             self._set_async_unsafe = False
             undone.append(
                 f"{ASYNC_UNSAFE_VARIABLE} removed, so ORM calls in cells raise "
                 "SynchronousOnlyOperation again"
             )
-        if self._set_wait_callback and self._psycopg2_interruptible(False):
+        if self._psycopg2_interruptible(False):
             undone.append("psycopg2's wait callback removed: the stop button waits for queries")
         if undone:
             # The process is not as it was while loaded: the next ORM call may fail.
             log.info("ipy_dbreset: unloaded; %s", "; ".join(undone))
-            if self.verbosity >= 1:
-                self._say(Notice(f"unloaded; {'; '.join(undone)}", "info"))
+            self._say(Notice(f"unloaded; {'; '.join(undone)}", "info"))
 
     def _psycopg2_interruptible(self, on: bool) -> bool:
-        if not on and not self._set_wait_callback:
-            # Nothing of ours to undo: importing psycopg2 (and psycopg2.extras) to
-            # find that out would cost most of the start-up of a psycopg 3 or
-            # SQLite project, and a callback set by someone else stays as it is.
+        """Set or remove psycopg2's wait callback (only ours); whether anything changed."""
+        if on == self._set_wait_callback:
+            # Nothing to do: importing psycopg2 to find that out would cost most of
+            # the start-up of a psycopg 3 or SQLite project.
             return False
         try:
             from ipy_dbreset.drivers.psycopg2 import make_interruptible
@@ -340,33 +331,20 @@ class DBReset(Magics):
             self._set_wait_callback = on
         return changed
 
-    def _apply_interruptible(self) -> None:
-        if self.checkup is None:
-            return
-        if self._psycopg2_interruptible(self.interruptible_psycopg2) and self.verbosity >= 1:
+    @observe("interruptible_psycopg2")
+    def _apply_interruptible(self, change: Bunch | None = None) -> None:
+        if self._running and self._psycopg2_interruptible(self.interruptible_psycopg2):
             state = "can" if self.interruptible_psycopg2 else "cannot"
             self._say(Notice(f"the stop button {state} cancel psycopg2 queries now", "info"))
 
-    @observe("interruptible_psycopg2")
-    def _interruptible_changed(self, change: Bunch) -> None:
-        self._apply_interruptible()
-
-    def _in_kernel(self) -> bool:
-        from ipy_dbreset.tracking import in_event_loop
-
-        return getattr(self.shell, "kernel", None) is not None or in_event_loop()
-
-    def _apply_async_unsafe(self) -> None:
-        from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
-
-        if self.checkup is None:
+    @observe("allow_async_unsafe")
+    def _apply_async_unsafe(self, change: Bunch | None = None) -> None:
+        if not self._running:
             return
         if self.allow_async_unsafe:
-            if os.environ.get(ASYNC_UNSAFE_VARIABLE) or not self._in_kernel():
-                return
-            os.environ[ASYNC_UNSAFE_VARIABLE] = "true"
-            self._set_async_unsafe = True
-            if self.verbosity >= 1:
+            in_kernel = getattr(self.shell, "kernel", None) is not None or in_event_loop()
+            if in_kernel and allow_async_unsafe(True):
+                self._set_async_unsafe = True
                 self._say(
                     Notice(
                         "ORM calls allowed in this kernel's event loop "
@@ -376,25 +354,23 @@ class DBReset(Magics):
                     )
                 )
         elif self._set_async_unsafe:
-            os.environ.pop(ASYNC_UNSAFE_VARIABLE, None)
+            allow_async_unsafe(False)
             self._set_async_unsafe = False
-            if self.verbosity >= 1:
-                self._say(Notice(f"{ASYNC_UNSAFE_VARIABLE} removed", "info"))
-
-    @observe("allow_async_unsafe")
-    def _allow_async_unsafe_changed(self, change: Bunch) -> None:
-        self._apply_async_unsafe()
+            self._say(Notice(f"{ASYNC_UNSAFE_VARIABLE} removed", "info"))
 
     @observe("aborted_manual_transactions")
     def _policy_changed(self, change: Bunch) -> None:
-        if self.checkup is not None:
-            self.checkup.leave_manual_transactions = change["new"] == "leave"
+        self.checkup.leave_manual_transactions = change["new"] == "leave"
+
+    @observe("auto_repair", "check_before_cell")
+    def _switches_changed(self, change: Bunch | None = None) -> None:
+        self._check_after = self._running and self.auto_repair
+        self._check_before = self._check_after and self.check_before_cell
 
     # -- callbacks -----------------------------------------------------------
 
-    # Both callbacks run around every cell: they read plain attributes (trait
-    # reads cost more than judging a healthy connection) and do nothing else
-    # unless the checkup found something.
+    # Both run around every cell: they read plain attributes and do nothing
+    # else unless the checkup's fast path found something.
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
@@ -402,8 +378,8 @@ class DBReset(Magics):
             self._show_held()
         if self._check_before:
             try:
-                if not self._healthy(True, False):
-                    self._check(False, before_cell=True)
+                if not self._healthy():
+                    self._check(suspect=False, before_cell=True)
             except KeyboardInterrupt:  # the user stopped the cell as it began
                 self._pass_on_interrupt(before_cell=True)
 
@@ -416,26 +392,32 @@ class DBReset(Magics):
             # A cell that raised nothing can only have left a trace in the
             # driver's and Django's state; the sockets are for the next check.
             # One that raised may have marked a block for rollback without a query.
-            failed = listen = error is not None
+            failed = error is not None
             suspect = isinstance(error, KeyboardInterrupt)
             try:
-                if suspect or not self._healthy(listen, failed):
-                    self._check(suspect, before_cell=False)
+                if suspect or not self._healthy(listen=failed, failed=failed):
+                    self._check(suspect=suspect, before_cell=False)
             except KeyboardInterrupt:  # the cell is over: nothing left to interrupt
                 log.info("ipy_dbreset: interrupt after the cell ignored")
 
-    def _check(self, suspect: bool, *, before_cell: bool) -> None:
+    def _check(self, *, suspect: bool, before_cell: bool) -> None:
         """Check in full; a repair and its notice are done whole, whatever the user presses."""
         with _interrupts_held() as interrupts:
             try:
-                repairs = self._check_all(suspect)
-            except RepairFailed as exc:
-                self._failed(exc)
+                outcome = self._check_all(suspect=suspect)
             except KeyboardInterrupt:  # pressed twice: the repair may be half done
-                self._say(Notice("interrupted before the repair was done; run %dbreset", "error"))
+                self._say(
+                    Notice("interrupted before the repair was done; run %dbreset", "error"), 0
+                )
             else:
-                if repairs is not None:
-                    self._report(repairs)
+                if outcome.failures:
+                    failures = "; ".join(f.describe() for f in outcome.failures)
+                    log.warning("ipy_dbreset: repair failed: %s", failures)
+                    self._say(failure_notice(outcome), 0)
+                elif outcome.repairs:
+                    self._say(repair_notice(outcome.repairs))
+                if outcome.skipped:
+                    self._say(skipped_notice(outcome), 2)
         if interrupts:
             self._pass_on_interrupt(before_cell=before_cell)
 
@@ -467,41 +449,22 @@ class DBReset(Magics):
                 self.shell.ast_transformers.remove(self._stop_cell)
             self._stop_cell = None
 
-    @observe("auto_repair", "check_before_cell")
-    def _switches_changed(self, change: Bunch | None = None) -> None:
-        running = self.checkup is not None
-        self._check_after = running and self.auto_repair
-        self._check_before = running and self.auto_repair and self.check_before_cell
-
-    def _failed(self, exc: RepairFailed) -> None:
-        """Say, in one line, what was repaired and which repairs failed."""
-        log.warning("ipy_dbreset: repair failed: %s", exc)
-        parts = [r.describe() for r in exc.done]
-        parts += [f"could not repair {f.describe()}" for f in exc.failures]
-        self._say(Notice(f"{'; '.join(parts)}; run %dbreset", "error"))
-        self._report([])
-
-    def _report(self, repairs: list[Repair]) -> None:
-        if repairs and self.verbosity >= 1:
-            self._say(repair_notice(repairs))
-        if self.verbosity >= 2 and self.checkup is not None and self.checkup.skipped:
-            busy = _threads(self.checkup.skipped)
-            self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
-
-    def _say(self, notice: Notice) -> None:
+    def _say(self, notice: Notice, level: int = 1) -> None:
+        """Show ``notice`` if ``verbosity`` is at least ``level`` (0: always)."""
+        if self.verbosity < level:
+            return
         if getattr(self.shell, "kernel", None) is not None and _starting_up(_START_UP_STEPS):
             # Sent now, it would belong to no cell and no notebook would show it.
             # A terminal shows it as it is printed.
             self._held.append(notice)
-            return
-        display(notice)
+        else:
+            display(notice)
 
     def _show_held(self) -> None:
-        if _starting_up(_START_UP_STEPS):
-            return  # exec_lines run as cells while the kernel starts: not the user's
-        held, self._held = self._held, []
-        for notice in held:
-            display(notice)
+        if not _starting_up(_START_UP_STEPS):  # exec_lines run as cells at start-up
+            held, self._held = self._held, []
+            for notice in held:
+                display(notice)
 
     # -- magics --------------------------------------------------------------
 
@@ -546,31 +509,10 @@ class DBReset(Magics):
         """
         args = _parse(self.dbreset, "dbreset", line)
         aliases = self._aliases(args.aliases) if args.aliases else None
-        if self.checkup is None:
-            raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
-        failed: list[Failure] = []
-        try:
-            repairs = self.checkup.reset(aliases)
-        except RepairFailed as exc:
-            repairs, failed = exc.done, exc.failures
-        left = list(self.checkup.skipped)
-        parts = [r.describe() for r in repairs]
-        parts += [f"could not reset {f.describe()}" for f in failed]
-        if left:
-            parts.append(f"left, in use by their thread: {_threads(left)}")
-        if failed:
-            notice = Notice("; ".join(parts), "error")
-        elif repairs:
-            notice = Notice("; ".join(parts))
-        elif left:
-            notice = Notice("; ".join(parts), "info")
-        else:
-            which = ", ".join(aliases) if aliases else "any alias"
-            notice = Notice(f"nothing to reset: no open connection for {which}", "info")
-        result = ResetResult(repairs, notice, left=left, failed=failed)
-        # A failure is said even with -q: the connection is still broken.
-        if not args.quiet or failed:
-            self._say(notice)
+        outcome = self.checkup.reset(aliases)
+        result = ResetResult(outcome, reset_notice(outcome, aliases))
+        if not args.quiet or outcome.failures:  # the connection is still broken: say so
+            self._say(result.notice, 0)
         self._not_as_output(result)
         return result
 
@@ -617,49 +559,9 @@ class DBReset(Magics):
         one). Nothing is queried: the table is built from what Django and the
         driver know locally, and never shows a password.
         """
-        from ipy_dbreset.health import snapshot
-
         args = _parse(self.dbstatus, "dbstatus", line)
-        wanted = set(self._aliases(args.aliases)) if args.aliases else None
-        if self.checkup is None:
-            raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
-        rows = []
-        for tracked in self.checkup.tracked():
-            wrapper = tracked.wrapper
-            if wanted is not None and wrapper.alias not in wanted:
-                continue
-            snap = snapshot(wrapper)
-            last = self.checkup.last.get(wrapper)
-            rows.append(
-                [
-                    snap.alias,
-                    tracked.thread_name or "",
-                    f"{snap.vendor} / {snap.driver}",
-                    snap.database,
-                    "yes" if snap.connected else "no",
-                    "" if snap.server_id is None else str(snap.server_id),
-                    snap.transaction,
-                    "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
-                    "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
-                ]
-            )
-        columns = [
-            "alias",
-            "thread",
-            "vendor / driver",
-            "database",
-            "connected",
-            "server id",
-            "transaction",
-            "autocommit",
-            "last repair",
-        ]
-        return Table(columns, rows, "no database connection in use")
-
-
-def _threads(connections: list[tuple[str, str | None]]) -> str:
-    """``default (thread worker_0), other (thread worker_0)``."""
-    return ", ".join(f"{alias} (thread {thread})" for alias, thread in connections)
+        aliases = self._aliases(args.aliases) if args.aliases else None
+        return status_table(self.checkup.status(aliases))
 
 
 def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
@@ -704,31 +606,38 @@ def load(ipython: InteractiveShell) -> None:
     try:
         magics = DBReset(shell=ipython)
     except BadOption as exc:
-        if _starting_up():
-            # Nothing is registered, but IPython counts the extension as loaded.
-            print(
-                f"ipy_dbreset: {exc}; fix it with %config, then %reload_ext ipy_dbreset",
-                file=sys.stderr,
-            )
-            return
-        raise UsageError(
+        _refuse(
+            ipython,
             f"ipy_dbreset: {exc}; fix it in ipython_config.py or with %config, "
-            "then %load_ext ipy_dbreset"
-        ) from None
+            "then %load_ext ipy_dbreset",
+            at_start_up=f"ipy_dbreset: {exc}; fix it with %config, then %reload_ext ipy_dbreset",
+        )
+        return
     try:
         magics.start()
     except BaseException as exc:
         ipython.configurables.remove(magics)  # type: ignore[arg-type]
-        if isinstance(exc, UsageError) and _starting_up():
-            # IPython logs a failing start-up extension with its traceback; the
-            # message is the whole story.  Nothing is registered; IPython counts
-            # the extension as loaded, hence the way back in.
-            print(f"{exc}\nOnce that is fixed: %reload_ext ipy_dbreset", file=sys.stderr)
-            return
-        raise
+        if not isinstance(exc, UsageError):
+            raise
+        _refuse(
+            ipython, str(exc), at_start_up=f"{exc}\nOnce that is fixed: %reload_ext ipy_dbreset"
+        )
+        return
     ipython.register_magics(magics)
     for event in _EVENTS:
         ipython.events.register(event, getattr(magics, event))
+
+
+def _refuse(shell: InteractiveShell, message: str, *, at_start_up: str) -> None:
+    """Raise a UsageError, or print ``at_start_up`` while IPython loads start-up extensions.
+
+    There IPython would log the error with its traceback: one message says it
+    all.  Nothing is registered, but IPython counts the extension as loaded,
+    hence the way back in with ``%reload_ext``.
+    """
+    if not _starting_up():
+        raise UsageError(message) from None
+    print(at_start_up, file=sys.stderr)
 
 
 def unload(ipython: InteractiveShell) -> None:

@@ -567,3 +567,20 @@ def _failed_message(module: str, source: str, exc: BaseException) -> str:
             " Django cannot retry a failed setup in this process: restart the shell (or kernel)."
         )
     return text
+
+
+def allow_async_unsafe(on: bool) -> bool:
+    """Set ``DJANGO_ALLOW_ASYNC_UNSAFE=true`` (``on``) or remove it again.
+
+    In a Jupyter kernel cells run inside an event loop, where Django refuses
+    ORM calls unless this variable is set.  Returns whether this call changed
+    the environment; a value already set is left as it is.  The caller
+    removes only what it set, and says so: the process environment is the
+    user's.
+    """
+    if on:
+        if os.environ.get(ASYNC_UNSAFE_VARIABLE):
+            return False
+        os.environ[ASYNC_UNSAFE_VARIABLE] = "true"
+        return True
+    return os.environ.pop(ASYNC_UNSAFE_VARIABLE, None) is not None

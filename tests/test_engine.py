@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from ipy_dbreset.checkup import Checkup
     from ipy_dbreset.health import Problem
     from ipy_dbreset.repair import Repair
-    from ipy_dbreset.tracking import ConnectionTracker
 
 pytestmark = pytest.mark.usefixtures("demo_django")
 
@@ -126,21 +125,20 @@ def connect(demo_django: None) -> Iterator[Callable[..., BaseDatabaseWrapper]]:
 
 @pytest.fixture
 def checkup(demo_django: None) -> Iterator[Callable[..., Checkup]]:
-    """``checkup(**options)``: a Checkup on a started ConnectionTracker of this thread."""
+    """``checkup(**options)``: a started Checkup of this thread, stopped afterwards."""
     from ipy_dbreset.checkup import Checkup
-    from ipy_dbreset.tracking import ConnectionTracker
 
-    trackers: list[ConnectionTracker] = []
+    started: list[Checkup] = []
 
     def make(**options: bool) -> Checkup:
-        tracker = ConnectionTracker()
-        tracker.start()
-        trackers.append(tracker)
-        return Checkup(tracker, **options)
+        engine = Checkup(**options)
+        engine.start()
+        started.append(engine)
+        return engine
 
     yield make
-    for tracker in trackers:
-        tracker.stop()
+    for engine in started:
+        engine.stop()
 
 
 def problem_of(repair: Repair) -> Problem:
@@ -213,6 +211,7 @@ def test_the_backend_copy_uses_the_asked_driver(pg, driver):
 def test_healthy_postgres_connection_gets_no_verdict_and_no_round_trip(
     pg, postgres_db, checkup, driver
 ):
+    from ipy_dbreset.checkup import HEALTHY
     from ipy_dbreset.health import judge
 
     engine = checkup()
@@ -222,9 +221,9 @@ def test_healthy_postgres_connection_gets_no_verdict_and_no_round_trip(
     before = pg_last_statement(pid, postgres_db)
     assert pg in [t.wrapper for t in engine.tracked()]
     assert judge(pg) is None
-    assert engine.run() is None  # the full path
-    assert engine.run() is None  # the fast path
-    assert engine.run(listen=False) is None
+    assert engine.run() == HEALTHY  # the full path
+    assert engine.run() == HEALTHY  # the fast path
+    assert engine.run(listen=False) == HEALTHY
     assert pg_last_statement(pid, postgres_db) == before
     pg.rollback()
 
@@ -252,23 +251,24 @@ def test_terminated_postgres_connection_is_lost_and_closed(pg, postgres_db, driv
 def test_checkup_reconnects_a_terminated_manual_transaction_in_manual_mode(
     pg, postgres_db, checkup, driver
 ):
+    from ipy_dbreset.checkup import HEALTHY
     from ipy_dbreset.health import Problem
 
     engine = checkup()
     insert(pg, 1)
     pg.set_autocommit(False)
     insert(pg, 2)
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
     assert terminate_backends(postgres_db) == 1
     wait_until_disconnected(postgres_db)
-    done = engine.run()
-    assert done is not None and [problem_of(r) for r in done] == [Problem.LOST], done
-    assert "manual transaction" in (done[0].lost or "")
+    outcome = engine.run()
+    assert outcome.ok and [problem_of(r) for r in outcome.repairs] == [Problem.LOST], outcome
+    assert "manual transaction" in (outcome.repairs[0].lost or "")
     assert numbers(pg) == [1]  # the server discarded 2 with its transaction
     assert pg.get_autocommit() is False  # as the user had it
     insert(pg, 3)
     pg.commit()
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
     assert pg_committed(postgres_db) == [1, 3]
 
 
@@ -299,19 +299,21 @@ def test_aborted_manual_transaction_is_rolled_back(pg, postgres_db, driver):
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.postgres
 def test_aborted_manual_transaction_is_left_to_the_user_when_asked(pg, checkup, driver):
+    from ipy_dbreset.checkup import HEALTHY, Outcome
     from ipy_dbreset.health import Problem, judge
 
     engine = checkup(leave_manual_transactions=True)
     pg.set_autocommit(False)
     insert(pg, 1)
     insert_twice(pg, 1)
-    done = engine.run()
-    assert done is not None and [r.action for r in done] == ["left as it is"], done
-    assert engine.run() == []  # told once; still broken, so not taken as healthy
+    outcome = engine.run()
+    assert outcome.ok and [r.action for r in outcome.repairs] == ["left as it is"], outcome
+    # Told once; still broken, so not taken as healthy.
+    assert engine.run() == Outcome(healthy=False)
     verdict = judge(pg)
     assert verdict is not None and verdict.problem is Problem.ABORTED
     pg.rollback()
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -402,6 +404,7 @@ def test_marked_atomic_block_on_sqlite_keeps_its_writes(lite):
 
 
 def test_healthy_sqlite_connection_gets_no_verdict(lite, checkup):
+    from ipy_dbreset.checkup import HEALTHY
     from ipy_dbreset.health import judge
 
     lite.close()  # connected before the tracker started, to create the table
@@ -409,8 +412,8 @@ def test_healthy_sqlite_connection_gets_no_verdict(lite, checkup):
     insert(lite, 2)
     assert lite in [t.wrapper for t in engine.tracked()]
     assert judge(lite) is None
-    assert engine.run() is None
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
+    assert engine.run() == HEALTHY
 
 
 # -- MariaDB / MySQL ----------------------------------------------------------------------
@@ -444,6 +447,7 @@ def mysql_last_command(thread: int) -> int:
 
 @pytest.mark.mysql
 def test_healthy_mysql_connection_gets_no_verdict_and_no_round_trip(my, checkup):
+    from ipy_dbreset.checkup import HEALTHY
     from ipy_dbreset.health import judge
 
     engine = checkup()
@@ -453,8 +457,8 @@ def test_healthy_mysql_connection_gets_no_verdict_and_no_round_trip(my, checkup)
     before = mysql_last_command(thread)
     assert my in [t.wrapper for t in engine.tracked()]
     assert judge(my) is None
-    assert engine.run() is None
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
+    assert engine.run() == HEALTHY
     assert mysql_last_command(thread) == before
     my.rollback()
 
