@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.shellapp import InteractiveShellApp
 from IPython.display import display
 from traitlets import Bool, Enum, Int, TraitError, TraitType, Unicode, observe
 from traitlets.config.loader import DeferredConfig
@@ -453,7 +454,7 @@ class DBReset(Magics):
         """Show ``notice`` if ``verbosity`` is at least ``level`` (0: always)."""
         if self.verbosity < level:
             return
-        if getattr(self.shell, "kernel", None) is not None and _starting_up(_START_UP_STEPS):
+        if getattr(self.shell, "kernel", None) is not None and not _ran_a_cell(self.shell):
             # Sent now, it would belong to no cell and no notebook would show it.
             # A terminal shows it as it is printed.
             self._held.append(notice)
@@ -461,7 +462,7 @@ class DBReset(Magics):
             display(notice)
 
     def _show_held(self) -> None:
-        if not _starting_up(_START_UP_STEPS):  # exec_lines run as cells at start-up
+        if _ran_a_cell(self.shell):  # exec_lines at start-up run as cells: not yet
             held, self._held = self._held, []
             for notice in held:
                 display(notice)
@@ -582,21 +583,24 @@ def _loaded(ipython: InteractiveShell) -> DBReset | None:
     return None
 
 
-# The steps of InteractiveShellApp that load extensions and run code at start-up.
-_START_UP_STEPS = ("init_extensions", "init_code")
+def _ran_a_cell(shell: InteractiveShell | None) -> bool:
+    """Whether the shell has started a cell of the user's (exec_lines at start-up are not)."""
+    # Counted as a cell starts (before pre_run_cell), for cells kept in the history.
+    return shell is not None and shell.execution_count > 1
 
 
-def _starting_up(steps: tuple[str, ...] = ("init_extensions",)) -> bool:
-    """Whether the shell is in one of ``steps`` of its start-up.
+def _start_up_app(shell: InteractiveShell) -> InteractiveShellApp | None:
+    """The application loading ``shell``'s start-up extensions, if that is what this is.
 
-    By default: loading its configured extensions (``--ext``, config files).
+    Terminal IPython and ipykernel make the shell with their application as
+    (grand)parent; they load configured extensions before any cell runs.
     """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name in steps and "self" in frame.f_locals:
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
+    if _ran_a_cell(shell) or shell.displayhook.exec_result is not None:
+        return None  # in a cell: %load_ext, or exec_lines
+    parent = shell.parent
+    while parent is not None and not isinstance(parent, InteractiveShellApp):
+        parent = parent.parent
+    return parent
 
 
 def load(ipython: InteractiveShell) -> None:
@@ -631,11 +635,13 @@ def load(ipython: InteractiveShell) -> None:
 def _refuse(shell: InteractiveShell, message: str, *, at_start_up: str) -> None:
     """Raise a UsageError, or print ``at_start_up`` while IPython loads start-up extensions.
 
-    There IPython would log the error with its traceback: one message says it
-    all.  Nothing is registered, but IPython counts the extension as loaded,
-    hence the way back in with ``%reload_ext``.
+    There IPython would log the error with its traceback, unless told to
+    reraise it (``InteractiveShellApp.reraise_ipython_extension_failures``):
+    one message says it all.  Nothing is registered, but IPython counts the
+    extension as loaded, hence the way back in with ``%reload_ext``.
     """
-    if not _starting_up():
+    app = _start_up_app(shell)
+    if app is None or app.reraise_ipython_extension_failures:
         raise UsageError(message) from None
     print(at_start_up, file=sys.stderr)
 
