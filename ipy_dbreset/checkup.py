@@ -16,12 +16,14 @@ from django.db import Error
 
 from ipy_dbreset.drivers import Sockets, driver_for
 from ipy_dbreset.health import Problem, Snapshot, Verdict, judge, snapshot
+from ipy_dbreset.idle import IdleKeeper
+from ipy_dbreset.network import Network, SocketState
 from ipy_dbreset.repair import Repair, repair, reset
 from ipy_dbreset.tracking import ConnectionTracker, touching
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -84,7 +86,11 @@ class Status:
     thread: str | None
     snapshot: Snapshot
     last: Repair | None
-    """Its last repair or reset."""
+    """Its last repair, reset or release."""
+    keepalive: SocketState | None
+    """Its socket's keepalive settings (``None``: not a TCP socket, or not connected)."""
+    kept: str | None
+    """Why idle_release would keep it open (``None``: it would not, or the release is off)."""
 
 
 def _error(exc: Error) -> str:
@@ -139,14 +145,36 @@ class Checkup:
         # by the Mark its queries set, and all their sockets in one set.
         self._watched: dict[Mark, tuple[Any, FastCheck]] = {}
         self._sockets = Sockets(())
+        # Idle connections, ended threads' connections, long transactions; off
+        # until configure_idle() turns its parts on.
+        self._idle = IdleKeeper(self._tracker, self._last)
+        self.before_cell = self._idle.before_cell
+        """A cell starts: what happened since the last one, as (verbosity, line) pairs."""
+        self.after_cell = self._idle.after_cell
+        """A cell ended: close ended threads' connections; what to say, as above."""
 
-    def start(self) -> None:
-        """Watch new connections and adopt the home thread's open ones."""
+    def start(self, *, on_created: Callable[[BaseDatabaseWrapper], None] | None = None) -> None:
+        """Watch new connections and adopt the home thread's open ones.
+
+        ``on_created`` is called with every connection in use now and with every
+        one opened from now on, in the thread that opens it.
+        """
+        if on_created is not None:
+            self._tracker.on_created.append(on_created)
         self._tracker.start()
+        if on_created is not None:
+            for tracked in self._tracker:  # opened before
+                on_created(tracked.wrapper)
+
+    def configure_idle(self, *, release_after: float, long_transaction: float) -> None:
+        """Seconds before idle connections are released, and a transaction pointed out."""
+        self._idle.configure(release_after=release_after, long_transaction=long_transaction)
 
     def stop(self) -> None:
         """Stop watching; leave every connection as Django made it."""
+        self._idle.stop()
         self._tracker.stop()
+        self._tracker.on_created.clear()
         self._fast, self._fast_others, self._fast_version = [], [], -1
         self._watched = {}
         self._sockets.close()
@@ -393,11 +421,19 @@ class Checkup:
     def status(self, aliases: Iterable[str] | None = None) -> list[Status]:
         """Every connection in use (of ``aliases``), the shell thread's first."""
         wanted = None if aliases is None else set(aliases)
-        return [
-            Status(tracked.thread_name, snapshot(tracked.wrapper), self._last.get(tracked.wrapper))
-            for tracked in self._tracker
-            if wanted is None or tracked.wrapper.alias in wanted
-        ]
+        found = []
+        for tracked in self._tracker:
+            wrapper = tracked.wrapper
+            if wanted is not None and wrapper.alias not in wanted:
+                continue
+            snap = snapshot(wrapper)
+            kept = self._idle.kept(wrapper) if snap.connected else None
+            found.append(
+                Status(
+                    tracked.thread_name, snap, self._last.get(wrapper), Network.state(wrapper), kept
+                )
+            )
+        return found
 
     def tracked(self) -> list[Tracked]:
         """Every connection in use and its thread, the shell thread's first."""

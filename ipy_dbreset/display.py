@@ -97,6 +97,7 @@ STATUS_COLUMNS = (
     "server id",
     "transaction",
     "autocommit",
+    "keepalive",
     "last repair",
 )
 
@@ -106,6 +107,9 @@ def status_table(statuses: Iterable[Status]) -> Table:
     rows = []
     for status in statuses:
         snap, last = status.snapshot, status.last
+        transaction = snap.transaction
+        if status.kept is not None and transaction == "idle":
+            transaction = f"idle; kept open: {status.kept}"
         rows.append(
             [
                 snap.alias,
@@ -114,8 +118,9 @@ def status_table(statuses: Iterable[Status]) -> Table:
                 snap.database,
                 "yes" if snap.connected else "no",
                 "" if snap.server_id is None else str(snap.server_id),
-                snap.transaction,
+                transaction,
                 "" if snap.autocommit is None else ("on" if snap.autocommit else "off"),
+                "" if status.keepalive is None else status.keepalive.describe(),
                 "" if last is None else f"{last.when:%H:%M:%S} {last.action} ({last.reason})",
             ]
         )

@@ -16,6 +16,7 @@ Configure it like any IPython extension, with ``%config`` or in
 
     c.DBReset.check_before_cell = True
     c.DBReset.aborted_manual_transactions = "leave"
+    c.DBReset.network_timeout = 30   # seconds a frozen network may hold a query
 
 Everything that judges, repairs and describes connections is the engine's
 (:class:`~ipy_dbreset.checkup.Checkup`) and :mod:`ipy_dbreset.display`'s; this
@@ -37,7 +38,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.core.shellapp import InteractiveShellApp
 from IPython.display import display
-from traitlets import Bool, Enum, Int, TraitError, TraitType, Unicode, observe
+from traitlets import Bool, Enum, Float, Int, TraitError, TraitType, Unicode, observe
 from traitlets.config.loader import DeferredConfig
 
 from ipy_dbreset.checkup import Checkup, Outcome
@@ -50,6 +51,7 @@ from ipy_dbreset.display import (
     skipped_notice,
     status_table,
 )
+from ipy_dbreset.network import Network
 from ipy_dbreset.project import (
     ASYNC_UNSAFE_VARIABLE,
     ProjectError,
@@ -61,12 +63,13 @@ from ipy_dbreset.tracking import in_event_loop
 
 if TYPE_CHECKING:
     from argparse import Namespace
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     from IPython.core.displayhook import DisplayHook
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
+    from ipy_dbreset.idle import Said
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,15 @@ class _Verbosity(Int):  # type: ignore[type-arg]
         return value
 
 
+class _Seconds(Float):  # type: ignore[type-arg]
+    """Seconds, 0 or more; a bad value's error says so (Float's says only "a float")."""
+
+    info_text = "a number of seconds, 0 or more"
+
+    def __init__(self, default: float, **kwargs: Any) -> None:
+        super().__init__(default, min=0.0, **kwargs)
+
+
 class BadOption(ValueError):
     """A configured value that the option does not accept; the message names both."""
 
@@ -205,12 +217,39 @@ class DBReset(Magics):
             "then unavailable."
         ),
     ).tag(config=True)
+    network_timeout = Int(
+        60,
+        min=0,
+        help=(
+            "Seconds the network may stay silent (no packet answered) before a connection "
+            "ends with a connection error: TCP keepalive and TCP_USER_TIMEOUT on every "
+            "connection whose OPTIONS do not set their own. A query that runs long on a "
+            "path that answers is never cut. 0: no bound (keepalive still keeps idle "
+            "connections through NATs and firewalls)."
+        ),
+    ).tag(config=True)
     settings_module = Unicode(
         None,
         allow_none=True,
         help=(
             "Django settings module to use when Django is not set up yet; wins over "
             "DJANGO_SETTINGS_MODULE and manage.py."
+        ),
+    ).tag(config=True)
+    idle_release = _Seconds(
+        0.0,
+        help=(
+            "Seconds the shell may wait for input before the shell thread's idle connections "
+            "are closed, to free them on a shared server; the next query reconnects. A "
+            "connection holding a transaction or session state (SET, temporary tables, "
+            "advisory locks, LISTEN, PREPARE) is kept. 0: never."
+        ),
+    ).tag(config=True)
+    long_transaction = _Seconds(
+        600.0,
+        help=(
+            "Seconds a transaction may stay open between cells before it is pointed out "
+            "(once, at the next cell; it is left as it is). 0: never."
         ),
     ).tag(config=True)
     verbosity = _Verbosity(
@@ -226,6 +265,7 @@ class DBReset(Magics):
         # The engine: watches connections from start() to stop().
         self.checkup = Checkup(threading.current_thread())
         self._running = False  # between start() and stop()
+        self.network: Network | None = None  # keepalive and the stop button's path check
         # What start() changed in the process, for stop() to undo.
         self._set_async_unsafe = self._set_wait_callback = False
         # The displayhook that %dbreset set aside for the rest of its cell (see
@@ -240,6 +280,7 @@ class DBReset(Magics):
         self._check_before = self._check_after = False
         self._healthy = self.checkup.healthy
         self._check_all = self.checkup.check_all
+        self._before_cell, self._after_cell = self.checkup.before_cell, self.checkup.after_cell
         # Said while a kernel started up, before any cell could show it: shown
         # with the first cell's output.
         self._held: list[Notice] = []
@@ -283,9 +324,11 @@ class DBReset(Magics):
             setup = setup_django(self.settings_module)
         except ProjectError as exc:
             raise UsageError(f"ipy_dbreset: {exc}") from None
-        self.checkup.start()
+        self.network = Network(self.network_timeout, per_cell=self._resets_sigint())
+        self.checkup.start(on_created=self.network.tune)
         self._running = True
         self._switches_changed()
+        self._idle_changed()
         if setup.source is not Source.ALREADY_SET_UP:
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
             log.info("ipy_dbreset: %s", setup.describe())
@@ -297,6 +340,9 @@ class DBReset(Magics):
 
     def stop(self) -> None:
         """Stop watching connections and undo what :meth:`start` changed, saying what."""
+        if self.network is not None:
+            self.network.guard.disarm()
+            self.network = None
         if self._running:
             self.checkup.stop()
             self._running = False
@@ -338,13 +384,26 @@ class DBReset(Magics):
             state = "can" if self.interruptible_psycopg2 else "cannot"
             self._say(Notice(f"the stop button {state} cancel psycopg2 queries now", "info"))
 
+    def _resets_sigint(self) -> bool:
+        """Whether the shell puts its own SIGINT handler back around every cell.
+
+        ipykernel does for each request, prompt_toolkit at each terminal prompt;
+        a plain InteractiveShell (embedded, scripted) leaves it alone.
+        """
+        terminal = sys.modules.get("IPython.terminal.interactiveshell")
+        if terminal is not None and isinstance(self.shell, terminal.TerminalInteractiveShell):
+            return True
+        return self._in_kernel()
+
+    def _in_kernel(self) -> bool:
+        return getattr(self.shell, "kernel", None) is not None or in_event_loop()
+
     @observe("allow_async_unsafe")
     def _apply_async_unsafe(self, change: Bunch | None = None) -> None:
         if not self._running:
             return
         if self.allow_async_unsafe:
-            in_kernel = getattr(self.shell, "kernel", None) is not None or in_event_loop()
-            if in_kernel and allow_async_unsafe(True):
+            if self._in_kernel() and allow_async_unsafe(True):
                 self._set_async_unsafe = True
                 self._say(
                     Notice(
@@ -358,6 +417,21 @@ class DBReset(Magics):
             allow_async_unsafe(False)
             self._set_async_unsafe = False
             self._say(Notice(f"{ASYNC_UNSAFE_VARIABLE} removed", "info"))
+
+    @observe("idle_release", "long_transaction")
+    def _idle_changed(self, change: Bunch | None = None) -> None:
+        if self._running:
+            self.checkup.configure_idle(
+                release_after=self.idle_release, long_transaction=self.long_transaction
+            )
+
+    @observe("network_timeout")
+    def _network_timeout_changed(self, change: Bunch) -> None:
+        if self.network is None:
+            return
+        self.network.timeout = change["new"]
+        for tracked in self.checkup.tracked():
+            self.network.tune(tracked.wrapper)
 
     @observe("aborted_manual_transactions")
     def _policy_changed(self, change: Bunch) -> None:
@@ -377,6 +451,12 @@ class DBReset(Magics):
         """Repair what broke between cells, before this cell's first query."""
         if self._held:
             self._show_held()
+        if self.network is not None:
+            self.network.guard.arm()
+        if self._running:
+            said = self._before_cell()
+            if said:
+                self._say_all(said)
         if self._check_before:
             try:
                 if not self._healthy():
@@ -386,8 +466,15 @@ class DBReset(Magics):
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
+        if self.network is not None:
+            self.network.guard.cell_over()
         if self._displayhook is not None or self._stop_cell is not None:
             self._forget_cell_state()
+        if self._running:
+            # Before the checkup, which takes the marks of the connections the cell used.
+            said = self._after_cell()
+            if said:
+                self._say_all(said)
         if self._check_after:
             error = None if result is None else result.error_in_exec
             # A cell that raised nothing can only have left a trace in the
@@ -449,6 +536,10 @@ class DBReset(Magics):
             if self.shell is not None and self._stop_cell in self.shell.ast_transformers:
                 self.shell.ast_transformers.remove(self._stop_cell)
             self._stop_cell = None
+
+    def _say_all(self, said: Sequence[Said]) -> None:
+        for level, text in said:
+            self._say(Notice(text, "info"), level)
 
     def _say(self, notice: Notice, level: int = 1) -> None:
         """Show ``notice`` if ``verbosity`` is at least ``level`` (0: always)."""

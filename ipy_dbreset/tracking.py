@@ -243,6 +243,9 @@ class ConnectionTracker:
         self.preflight = Preflight()
         """Looks at every tracked connection before its queries (:mod:`ipy_dbreset.preflight`)."""
 
+        self.on_created: list[Callable[[BaseDatabaseWrapper], None]] = []
+        """Called with every connection opened while watching, in the thread that opened it."""
+
     def start(self) -> None:
         """Watch new connections; adopt the home thread's open ones."""
         connection_created.connect(self._created, weak=False, dispatch_uid=self._uid)
@@ -280,6 +283,8 @@ class ConnectionTracker:
 
     def _created(self, sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
         self.version += 1
+        for hook in self.on_created:
+            hook(connection)
         action = self._on_connect.pop(connection, None)
         if action is not None:
             action(connection)
@@ -331,6 +336,10 @@ class ConnectionTracker:
             return []
         current = {w.alias: w for w in connections.all(initialized_only=True)}
         return [w for w in self._home if _reached(w, current)]
+
+    def is_home(self, wrapper: BaseDatabaseWrapper) -> bool:
+        """Whether ``wrapper`` connected in the home thread (reachable from here or not)."""
+        return wrapper in self._home
 
     def has_others(self) -> bool:
         return bool(self._others)

@@ -181,6 +181,12 @@ BAD_CONFIG = {
         "expected 'rollback' or 'leave'",
         '%config DBReset.aborted_manual_transactions = "leave"',
     ),
+    "idle-release-negative": (
+        {"DBReset": {"idle_release": -1}},
+        [],
+        "c.DBReset.idle_release = -1 is not valid: expected a number of seconds, 0 or more",
+        "%config DBReset.idle_release = 60",
+    ),
     "config-magic-before-loading": (
         None,
         ['%config DBReset.verbosity = "x"'],

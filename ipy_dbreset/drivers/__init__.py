@@ -86,6 +86,12 @@ class Driver(Protocol):
         (:meth:`liveness`; on MySQL that is one ping).
         """
 
+    def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
+        """Whether a query on it is waiting for the server in Python, where a signal handler runs.
+
+        Asked from a SIGINT handler: local state only.
+        """
+
     def fast_check(self, wrapper: BaseDatabaseWrapper) -> FastCheck:
         """A function answering "still healthy?" for the current driver connection.
 

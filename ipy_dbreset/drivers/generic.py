@@ -39,3 +39,6 @@ class Generic:
 
     def fileno(self, wrapper: BaseDatabaseWrapper) -> int:
         return -1  # a file (sqlite3) cannot hang up; an unknown driver is not looked into
+
+    def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False

@@ -81,3 +81,6 @@ class MySQLClient:
         if raw is None or not raw.open:
             return None
         return int(raw.thread_id())
+
+    def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False  # libmariadb waits in C: a signal handler runs only afterwards

@@ -104,3 +104,10 @@ class Psycopg:
         if raw is None or raw.closed:
             return None
         return int(raw.pgconn.backend_pid)
+
+    def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
+        raw = wrapper.connection
+        try:
+            return bool(raw.pgconn.transaction_status == pq.TransactionStatus.ACTIVE)
+        except psycopg.Error:
+            return False

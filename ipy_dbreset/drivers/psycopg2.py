@@ -97,6 +97,13 @@ class Psycopg2:
             return None
         return int(raw.info.backend_pid)
 
+    def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
+        raw = wrapper.connection
+        # Without a wait callback psycopg2 waits inside libpq, in C.
+        if raw.closed or psycopg2.extensions.get_wait_callback() is None:
+            return False
+        return bool(raw.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE)
+
 
 def make_interruptible(on: bool) -> bool:
     """Let Ctrl-C cancel a running psycopg2 query, or stop doing so.

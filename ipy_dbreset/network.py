@@ -1,0 +1,467 @@
+"""Bounding how long a connection may wait on a network path that stopped answering.
+
+A path can freeze without closing anything: a laptop slept, a VPN dropped, a
+NAT gateway or firewall forgot an idle flow (AWS NAT does after 350 s).  Left
+alone, a query on such a path waits until the kernel gives up on unacknowledged
+data, about 15 minutes on Linux, and an idle connection is found dead only when
+the next query hangs.
+
+Two levers, both on the driver's own socket and neither touching the driver:
+
+* :class:`Network` sets TCP keepalive and ``TCP_USER_TIMEOUT`` on every new
+  connection (unless its ``OPTIONS`` set their own), so that an idle flow is
+  kept alive through NATs and firewalls, and a path that stops answering ends
+  the connection with a connection error within the bound.  Both measure the
+  network's silence, never the query's duration: a healthy ``pg_sleep(120)``
+  is answered by the server's kernel every few seconds and runs to its end.
+* :class:`InterruptGuard`, in front of the SIGINT handler while a cell runs,
+  looks at the path of the query being interrupted before the driver sends its
+  cancel request, which on a frozen path would hang (psycopg 3 for up to 10 s,
+  psycopg2's blocking ``PQcancel`` for minutes).  If the path does not answer,
+  it shuts the socket down, so that the driver's wait ends at once with a
+  connection error; if it answers, the interrupt goes on as usual.
+
+Only the operating system's socket options and ``TCP_INFO`` are used; where
+one is missing (not Linux), what it would have done is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ipy_dbreset.drivers import driver_for
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+log = logging.getLogger(__name__)
+
+# libpq's connection parameters for the same thing: a user who set one of them
+# in OPTIONS has chosen, and the socket is left as libpq made it.
+USER_OPTIONS = frozenset(
+    ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout")
+)
+
+_TCP = socket.IPPROTO_TCP
+_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", None)
+_KEEPINTVL = getattr(socket, "TCP_KEEPINTVL", None)
+_KEEPCNT = getattr(socket, "TCP_KEEPCNT", None)
+_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+
+# Keepalive while there is no bound: a probe after a minute of silence keeps
+# NAT and firewall flows alive; how many unanswered probes end the connection
+# is left to the system (Linux: 9 probes 75 s apart).
+_UNBOUNDED_IDLE = 60
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Socket options that end a connection after ``bound`` seconds of network silence."""
+
+    idle: int
+    """Seconds of silence before the first probe."""
+    interval: int | None
+    """Seconds between probes (``None``: the system's)."""
+    count: int | None
+    """Unanswered probes that end the connection (``None``: the system's)."""
+    user_timeout: int
+    """Milliseconds data may stay unacknowledged before the connection ends (0: no limit)."""
+
+    @classmethod
+    def for_bound(cls, bound: int) -> Keepalive:
+        if bound <= 0:
+            return cls(_UNBOUNDED_IDLE, None, None, 0)
+        idle = max(1, bound // 2)
+        count = 3
+        interval = max(1, (bound - idle) // count)
+        return cls(idle, interval, count, bound * 1000)
+
+
+@dataclass(frozen=True)
+class SocketState:
+    """The keepalive options a connection's socket has now, as ``%dbstatus`` shows them."""
+
+    keepalive: bool
+    idle: int | None
+    interval: int | None
+    count: int | None
+    user_timeout: int | None
+    users: bool
+    """The database's ``OPTIONS`` chose them (ours were not applied)."""
+
+    def describe(self) -> str:
+        if not self.keepalive:
+            text = "off"
+        else:
+            text = "on"
+            if self.idle is not None:
+                text += f", after {self.idle}s"
+            if self.interval is not None and self.count is not None:
+                text += f", {self.count} probes {self.interval}s apart"
+        if self.user_timeout:
+            text += f", timeout {self.user_timeout / 1000:g}s"
+        return text + (" (OPTIONS)" if self.users else "")
+
+
+def tcp_socket(wrapper: BaseDatabaseWrapper) -> int | None:
+    """The file descriptor of ``wrapper``'s TCP connection, or ``None`` (none, closed, Unix)."""
+    raw = wrapper.connection
+    fileno = getattr(raw, "fileno", None)
+    if raw is None or fileno is None:  # sqlite3 and other file databases
+        return None
+    driver_error = wrapper.Database.Error  # type: ignore[attr-defined]  # each backend has it
+    try:
+        fd = fileno()
+    except (driver_error, OSError, ValueError):  # closed
+        return None
+    if not isinstance(fd, int) or fd < 0:
+        return None
+    try:
+        family = socket.socket(fileno=os.dup(fd))
+    except OSError:  # not a socket after all
+        return None
+    with family:
+        if family.family not in (socket.AF_INET, socket.AF_INET6):
+            return None  # a Unix-domain socket cannot freeze
+    return fd
+
+
+def _dup(fd: int) -> socket.socket:
+    """The socket behind ``fd`` as a Python object of its own (closing it leaves ``fd`` open)."""
+    return socket.socket(fileno=os.dup(fd))
+
+
+def _chose_their_own(wrapper: BaseDatabaseWrapper) -> bool:
+    options = wrapper.settings_dict.get("OPTIONS") or {}
+    return any(name in options for name in USER_OPTIONS)
+
+
+class Network:
+    """Keepalive and a bound on network silence for every connection it is shown.
+
+    Parameters
+    ----------
+    timeout
+        Seconds the network may stay silent before a connection ends with a
+        connection error; 0 for no bound (keepalive still keeps idle flows).
+    per_cell
+        Whoever runs the cells puts its own SIGINT handler back for each one
+        (ipykernel does): :class:`InterruptGuard` must stand in front of it
+        again every cell, and step back after it.
+    """
+
+    def __init__(self, timeout: int, *, per_cell: bool) -> None:
+        self.options = Keepalive.for_bound(timeout)  # what tune() applies
+        self.guard = InterruptGuard(per_cell=per_cell)  # the stop button's look at the path
+
+    @property
+    def timeout(self) -> int:
+        return self.options.user_timeout // 1000
+
+    @timeout.setter
+    def timeout(self, seconds: int) -> None:
+        self.options = Keepalive.for_bound(seconds)
+
+    def tune(self, wrapper: BaseDatabaseWrapper) -> None:
+        """Apply the options to ``wrapper``'s socket; never raises for a socket it cannot tune.
+
+        Called from Django's ``connection_created`` signal, in whatever thread
+        connects.
+        """
+        fd = tcp_socket(wrapper)
+        if fd is None:
+            return
+        if threading.current_thread() is threading.main_thread():
+            self.guard.watch(wrapper)
+        if _chose_their_own(wrapper):
+            return
+        options = self.options
+        try:
+            with _dup(fd) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                if _KEEPIDLE is not None:
+                    sock.setsockopt(_TCP, _KEEPIDLE, options.idle)
+                if _KEEPINTVL is not None and options.interval is not None:
+                    sock.setsockopt(_TCP, _KEEPINTVL, options.interval)
+                if _KEEPCNT is not None and options.count is not None:
+                    sock.setsockopt(_TCP, _KEEPCNT, options.count)
+                if _USER_TIMEOUT is not None:
+                    sock.setsockopt(_TCP, _USER_TIMEOUT, options.user_timeout)
+        except OSError as exc:  # the socket closed under us, or an option is refused
+            log.debug("ipy_dbreset: keepalive not set on %s: %s", wrapper.alias, exc)
+
+    @staticmethod
+    def state(wrapper: BaseDatabaseWrapper) -> SocketState | None:
+        """What the socket has now; ``None`` without a TCP connection."""
+        fd = tcp_socket(wrapper)
+        if fd is None:
+            return None
+
+        def get(level: int, option: int | None) -> int | None:
+            return None if option is None else int(sock.getsockopt(level, option))
+
+        try:
+            with _dup(fd) as sock:
+                return SocketState(
+                    keepalive=bool(get(socket.SOL_SOCKET, socket.SO_KEEPALIVE)),
+                    idle=get(_TCP, _KEEPIDLE),
+                    interval=get(_TCP, _KEEPINTVL),
+                    count=get(_TCP, _KEEPCNT),
+                    user_timeout=get(_TCP, _USER_TIMEOUT),
+                    users=_chose_their_own(wrapper),
+                )
+        except OSError:
+            return None
+
+
+# -- the path of an interrupted query ----------------------------------------------
+
+# struct tcp_info (linux/tcp.h): eight u8 (state, ca_state, retransmits,
+# probes, backoff, options, wscales, rate flags), then u32: rto, ato, snd_mss,
+# rcv_mss, unacked, sacked, lost, retrans, fackets, last_data_sent,
+# last_ack_sent, last_data_recv, last_ack_recv.
+_INFO = struct.Struct("8B13I")
+_ESTABLISHED = 1
+_SILENT_MS = 1000  # no acknowledgement for this long while data or a probe waits: dead
+_PROBE_SECONDS = 2.0  # a keepalive probe is sent within 1 s; allow 1 s for its answer
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    established: bool
+    retransmits: int
+    probes: int
+    unacked: int
+    last_ack_recv: int
+    """Milliseconds since the peer last acknowledged anything."""
+
+    @property
+    def silent(self) -> bool:
+        """The peer has not answered data or a probe for a while: the path is not answering."""
+        waiting = (self.unacked and self.retransmits) or self.probes
+        return bool(waiting) and self.last_ack_recv >= _SILENT_MS
+
+
+def path_info(sock: socket.socket) -> PathInfo | None:
+    """The kernel's view of a TCP connection (Linux ``TCP_INFO``), or ``None``."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        raw = sock.getsockopt(_TCP, _TCP_INFO, _INFO.size)
+    except OSError:
+        return None
+    if len(raw) < _INFO.size:
+        return None
+    fields = _INFO.unpack(raw)
+    return PathInfo(
+        established=fields[0] == _ESTABLISHED,
+        retransmits=fields[2],
+        probes=fields[3],
+        unacked=fields[12],
+        last_ack_recv=fields[20],
+    )
+
+
+Handler = Any  # what signal.getsignal returns: a callable, SIG_DFL, SIG_IGN or None
+
+
+class InterruptGuard:
+    """A SIGINT handler, in front of the shell's while a cell runs, that checks the path first.
+
+    An interrupt while a query waits on a path that does not answer shuts the
+    connection's socket down instead of interrupting, so the driver's wait
+    ends at once with a connection error rather than trying to send a cancel
+    request down a dead path.  When nothing says the path is dead, a keepalive
+    probe is sent at once and the interrupt is delivered as soon as the server's
+    kernel answers it; if it does not answer within :data:`_PROBE_SECONDS`,
+    the socket is shut down.  Only drivers that wait in Python can be helped
+    (psycopg 3, psycopg2 with a wait callback): the others run the handler only
+    once their wait in C is over.
+    """
+
+    def __init__(self, *, per_cell: bool) -> None:
+        # Installing a handler costs microseconds, as much as checking every
+        # connection: where nobody replaces it between cells (a terminal), it
+        # stays until disarm(); in a kernel, which does, it goes with each cell.
+        self.per_cell = per_cell
+        # The main thread's connections with a TCP socket; signals run there.
+        self._watched: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
+        self._previous: Handler = None  # the handler we stand in front of, while armed
+        self._cell = 0  # bumped when a cell ends: a probe of an older cell stays quiet
+        self._passing = False  # the next SIGINT is one we re-delivered: hand it on
+        self._probing = False  # a probe thread is deciding about the last interrupt
+        self._handing_on = False  # inside the previous handler: a call back to us ends there
+
+    def watch(self, wrapper: BaseDatabaseWrapper) -> None:
+        self._watched.add(wrapper)
+
+    def arm(self) -> None:
+        """Stand in front of the current SIGINT handler (main thread only), before a cell."""
+        if self._previous is not None and not self.per_cell:
+            return
+        if not self._watched or threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGINT)
+        if current == self._handle:
+            return
+        if not callable(current):
+            return  # the default action or ignored: nothing to chain to
+        self._previous = current
+        signal.signal(signal.SIGINT, self._handle)
+
+    def cell_over(self) -> None:
+        """After a cell: a late probe must not interrupt what comes next."""
+        self._cell += 1
+        if self.per_cell:
+            self.disarm()
+
+    def disarm(self) -> None:
+        """Give the SIGINT handler back, unless someone replaced ours meanwhile."""
+        self._cell += 1
+        if self._previous is None:
+            return
+        previous, self._previous = self._previous, None
+        self._passing = False
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, previous)
+
+    def _hand_on(self, signum: int, frame: FrameType | None) -> None:
+        previous = self._previous
+        if previous is None or self._handing_on:
+            # A handler that someone put in front of ours and that hands on to
+            # ours again: end the loop as Python would.
+            signal.default_int_handler(signum, frame)
+            return
+        self._handing_on = True
+        try:
+            previous(signum, frame)
+        finally:
+            self._handing_on = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._handing_on or self._passing or self._probing:
+            # Our own re-delivery, or the user pressing again while we probe.
+            self._passing = False
+            self._hand_on(signum, frame)
+            return
+        waiting = []
+        for wrapper in list(self._watched):
+            raw = wrapper.connection
+            if raw is None or not driver_for(raw).waiting(wrapper):
+                continue
+            fd = tcp_socket(wrapper)
+            if fd is not None:
+                waiting.append((wrapper.alias, fd))
+        if not waiting:
+            self._hand_on(signum, frame)
+            return
+        quiet = []
+        cut = False
+        for alias, fd in waiting:
+            try:
+                sock = _dup(fd)
+            except OSError:
+                continue
+            info = path_info(sock)
+            if info is not None and info.established and info.silent:
+                _cut(sock, alias, info)
+                cut = True
+            elif info is not None and info.established:
+                quiet.append((alias, sock, info.last_ack_recv))
+                continue
+            sock.close()
+        if cut or not quiet:
+            for _, sock, _ in quiet:
+                sock.close()
+            if not cut:
+                self._hand_on(signum, frame)
+            return  # the driver's wait ends with a connection error
+        self._probing = True
+        threading.Thread(
+            target=self._probe,
+            args=(quiet, self._cell),
+            name="ipy_dbreset-probe",
+            daemon=True,
+        ).start()
+
+    def _probe(self, quiet: list[tuple[str, socket.socket, int]], cell: int) -> None:
+        """Ask each path for a keepalive answer now; interrupt if they answer, cut if not.
+
+        ``quiet`` holds each socket with the milliseconds since its last
+        acknowledgement, as seen by the SIGINT handler.
+        """
+        started = time.monotonic()
+        saved: list[tuple[socket.socket, int, int | None]] = []
+        try:
+            for _, sock, _ in quiet:
+                try:
+                    keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                    idle = None if _KEEPIDLE is None else sock.getsockopt(_TCP, _KEEPIDLE)
+                    saved.append((sock, keepalive, idle))
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    if _KEEPIDLE is not None:
+                        # Linux rearms the keepalive timer at once: a socket
+                        # silent for 1 s or more sends its probe now.
+                        sock.setsockopt(_TCP, _KEEPIDLE, 1)
+                except OSError:
+                    continue
+            pending = {alias: (sock, before) for alias, sock, before in quiet}
+            while pending and time.monotonic() - started < _PROBE_SECONDS:
+                time.sleep(0.01)
+                waited = (time.monotonic() - started) * 1000
+                for alias, (sock, before) in list(pending.items()):
+                    info = path_info(sock)
+                    # Without a new acknowledgement the time since the last one
+                    # grows with the wait (to a jiffy).  The probe leaves once
+                    # the socket has been silent for 1 s, so an answer to it
+                    # brings that time down by about 1 s.  A connection that is
+                    # closing anyway is the driver's to notice.
+                    answered = info is not None and info.last_ack_recv < before + waited - 100
+                    if info is None or not info.established or answered:
+                        del pending[alias]
+            for alias, (sock, _) in pending.items():
+                info = path_info(sock)
+                if info is not None:
+                    _cut(sock, alias, info)
+        finally:
+            for sock, keepalive, idle in saved:
+                try:
+                    if idle is not None and _KEEPIDLE is not None:
+                        sock.setsockopt(_TCP, _KEEPIDLE, idle)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, keepalive)
+                except OSError:
+                    pass  # cut, or closed by the driver meanwhile: nothing to restore
+            for _, sock, _ in quiet:
+                sock.close()
+            self._probing = False
+        if not pending and cell == self._cell:
+            # Every path answered: the interrupt goes on to the driver, which
+            # cancels the query as usual.
+            self._passing = True
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+
+def _cut(sock: socket.socket, alias: str, info: PathInfo) -> None:
+    log.warning(
+        "ipy_dbreset: %s: interrupted while the network did not answer for %.1f s; "
+        "closing the connection",
+        alias,
+        info.last_ack_recv / 1000,
+    )
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError as exc:  # already gone
+        log.debug("ipy_dbreset: %s: shutdown: %s", alias, exc)
