@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from django.db import Error
+from django.db import Error, connections
 
 from ipy_dbreset.drivers import Sockets, driver_for
 from ipy_dbreset.health import Problem, Snapshot, Verdict, judge, snapshot
@@ -434,6 +434,10 @@ class Checkup:
                 )
             )
         return found
+
+    def aliases(self) -> list[str]:
+        """Every alias ``DATABASES`` names (and any put in place by hand)."""
+        return list(connections)
 
     def tracked(self) -> list[Tracked]:
         """Every connection in use and its thread, the shell thread's first."""

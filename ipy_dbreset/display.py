@@ -132,8 +132,8 @@ class Table:
 
     def __init__(self, columns: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> None:
         self.columns = list(columns)
-        self.rows = [list(row) for row in rows]
-        self.empty = empty
+        self.rows = [list(row) for row in rows]  # of strings, one per column
+        self.empty = empty  # said instead of a table without rows
 
     def __str__(self) -> str:
         if not self.rows:

@@ -561,9 +561,7 @@ class DBReset(Magics):
     # -- magics --------------------------------------------------------------
 
     def _aliases(self, names: list[str]) -> list[str]:
-        from django.db import connections
-
-        known = list(connections)
+        known = self.checkup.aliases()
         unknown = [n for n in names if n not in known]
         if unknown:
             raise UsageError(

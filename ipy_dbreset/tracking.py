@@ -149,7 +149,7 @@ class _Guard:
     """An ``execute_wrapper`` that holds a lock while a query runs."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # held while a query runs; hold() tries it
 
     def __call__(
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
@@ -224,14 +224,19 @@ class ConnectionTracker:
 
     def __init__(self, home: threading.Thread | None = None) -> None:
         self.home_thread = home or threading.current_thread()
+        """The shell's thread: its connections are the ones cells use."""
+        # Other threads' connections, with their thread and the guard put on
+        # them; weak, so that a connection goes with its thread.
         self._others: weakref.WeakKeyDictionary[
             BaseDatabaseWrapper, tuple[threading.Thread, _Guard]
         ] = weakref.WeakKeyDictionary()
-        self._uid = f"ipy_dbreset-{id(self)}"
+        self._uid = f"ipy_dbreset-{id(self)}"  # our receiver of connection_created
         self.version = 0
         """Bumped whenever a connection is opened, so that cached views can notice."""
         self._lock = threading.Lock()  # other threads add to _others while we list it
+        # The home thread's connections that have connected (see home).
         self._home: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
+        # What to run, once, when a wrapper next connects (when_connected).
         self._on_connect: weakref.WeakKeyDictionary[
             BaseDatabaseWrapper, Callable[[BaseDatabaseWrapper], None]
         ] = weakref.WeakKeyDictionary()
@@ -242,7 +247,6 @@ class ConnectionTracker:
         """Marks of the connections that ran a query since :meth:`take_used`; any thread appends."""
         self.preflight = Preflight()
         """Looks at every tracked connection before its queries (:mod:`ipy_dbreset.preflight`)."""
-
         self.on_created: list[Callable[[BaseDatabaseWrapper], None]] = []
         """Called with every connection opened while watching, in the thread that opened it."""
 
