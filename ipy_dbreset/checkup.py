@@ -220,7 +220,7 @@ class Checkup:
         tracker = self._tracker
         if tracker.used:
             tracker.take_used()  # the full run reads them all anyway
-        done = self._full_run(suspect)
+        done = self._full_run(suspect=suspect)
         if self._fast_version == tracker.version:
             self._watch()
         elif self._watched:  # no baseline until a clean run: keep nothing of the old one
@@ -277,7 +277,7 @@ class Checkup:
         self._sockets.close()
         self._sockets = Sockets(filenos)
 
-    def _full_run(self, suspect: bool) -> Outcome:
+    def _full_run(self, *, suspect: bool) -> Outcome:
         done: list[Repair] = []
         failed: list[Failure] = []
         skipped: list[tuple[str, str | None]] = []
