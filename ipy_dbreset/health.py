@@ -14,6 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from ipy_dbreset.drivers import Liveness, Transaction, driver_for
+from ipy_dbreset.ledger import status_text, tally_of
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -99,6 +100,8 @@ class Snapshot:
     server_id: int | None
     transaction: str
     autocommit: bool | None
+    holds: str = ""
+    """What the open transaction holds and for how long: ``2 writes, open 12 s``."""
 
 
 def _where(settings: dict[str, object]) -> str:
@@ -145,6 +148,7 @@ def snapshot(wrapper: BaseDatabaseWrapper) -> Snapshot:
         transaction = "in a transaction"
     else:
         transaction = "idle"
+    in_transaction = wrapper.in_atomic_block or not wrapper.autocommit
     return Snapshot(
         wrapper.alias,
         wrapper.vendor,
@@ -154,4 +158,5 @@ def snapshot(wrapper: BaseDatabaseWrapper) -> Snapshot:
         None if link.closed else driver.server_id(wrapper),
         transaction,
         bool(wrapper.autocommit),
+        status_text(tally_of(wrapper)) if in_transaction else "",
     )

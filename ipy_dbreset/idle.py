@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from django.db import Error
 from django.db.backends.signals import connection_created
 
+from ipy_dbreset import ledger
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import judge, open_work
 from ipy_dbreset.repair import Repair, _drop
@@ -343,6 +344,7 @@ class IdleKeeper:
                 continue
             # An ended thread cannot be using it, nor end what it holds.
             work = open_work(wrapper)
+            tally = ledger.tally_of(wrapper)
             try:
                 outside_event_loop(partial(_close, wrapper, lost=work))
             except Error as exc:
@@ -355,7 +357,7 @@ class IdleKeeper:
                 continue
             text = f"{wrapper.alias} (thread {thread.name}): closed, its thread has ended"
             if work:
-                text += f"; lost: {work} (rolled back)"
+                text += f"; lost: {ledger.lost(work, 'rolled back', tally)}"
             log.info("ipy_dbreset: %s", text)
             said.append((1 if work else 2, text))
         return said

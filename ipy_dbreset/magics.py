@@ -645,6 +645,9 @@ class DBReset(Magics):
     def dbstatus(self, line: str) -> Table:
         """Show every Django connection in use: driver, server id, transaction state.
 
+        For a connection in a transaction, ``uncommitted`` says how many
+        writes it holds and for how long it has been open.
+
         One row per connection (alias, and its thread when it is not this
         one). Nothing is queried: the table is built from what Django and the
         driver know locally, and never shows a password.

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from ipy_dbreset.drivers import driver_for
 from ipy_dbreset.health import open_work
+from ipy_dbreset.ledger import lost, tally_of
 from ipy_dbreset.repair import Repair, _drop
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ def _look(
             wrapper.alias,
             "the server had closed the connection before a query",
             "the query fails",
-            lost=f"{work} (the server had already discarded it)",
+            lost=lost(work, "the server had already discarded it", tally_of(wrapper)),
             thread=thread,
         )
         log.warning("ipy_dbreset: %s", repair.describe())

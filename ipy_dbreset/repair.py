@@ -30,6 +30,7 @@ from django.db import Error
 
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge, open_work
+from ipy_dbreset.ledger import ledger_of, lost, tally_of
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -165,6 +166,9 @@ def _drop(wrapper: BaseDatabaseWrapper) -> None:
         while wrapper.in_atomic_block:
             _leave_innermost_atomic_block(wrapper)
     wrapper.connection = None
+    ledger = ledger_of(wrapper)
+    if ledger is not None:
+        ledger.clear()  # its transaction went with the connection
 
 
 def repair(
@@ -201,6 +205,7 @@ def _repair(
         )
     if verdict.problem in (Problem.LOST, Problem.STUCK):
         work = open_work(wrapper)
+        tally = tally_of(wrapper)
         manual = wrapper.connection is not None and not wrapper.autocommit
         manual = manual and not wrapper.in_atomic_block
         _drop(wrapper)
@@ -215,7 +220,7 @@ def _repair(
             alias,
             "closed; the next query reconnects",
             reason,
-            lost=f"{work} (the server had already discarded it)" if work else None,
+            lost=lost(work, "the server had already discarded it", tally) if work else None,
             thread=thread,
             hint="autocommit stays off, as you had it" if manual else None,
             keep_manual=manual,
@@ -229,31 +234,39 @@ def _repair(
                 thread=thread,
                 hint="run transaction.rollback() (or %dbreset) to continue",
             )
+        tally = tally_of(wrapper)
         wrapper.rollback()
         return Repair(
             alias,
             "rolled back",
             reason,
-            lost="the aborted transaction (it could not have been committed)",
+            lost=lost("the aborted transaction", "it could not have been committed", tally),
             thread=thread,
         )
     if verdict.problem is Problem.ABORTED:
         depth = len(wrapper.atomic_blocks)
+        before = tally_of(wrapper)
         while wrapper.in_atomic_block and (
             wrapper.needs_rollback or _transaction(wrapper) is Transaction.INERROR
         ):
             _leave_innermost_atomic_block(wrapper)
         left = depth - len(wrapper.atomic_blocks)
+        # The ledger saw the unwinding's ROLLBACK TO SAVEPOINT: what it still
+        # holds is the outer blocks' work.
+        after = tally_of(wrapper) if wrapper.in_atomic_block else None
         if wrapper.in_atomic_block:
             kept = len(wrapper.atomic_blocks)
             action = f"rolled back to a savepoint; {kept} outer atomic block(s) and their work kept"
         else:
             action = "rolled back"
+        gone = before if before is None or after is None else before - after
         return Repair(
             alias,
             action,
             reason,
-            lost=f"{left} aborted atomic block(s) (they could not have been committed)",
+            lost=lost(
+                f"{left} aborted atomic block(s)", "they could not have been committed", gone, after
+            ),
             thread=thread,
         )
     # Problem.MARKED: the database still holds a usable transaction.
@@ -276,6 +289,7 @@ def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair 
     if wrapper.connection is None and not wrapper.in_atomic_block:
         return None
     work = open_work(wrapper)
+    tally = tally_of(wrapper)
     # The user's mode, from Django's own flags: autocommit off outside atomic
     # blocks, or an outermost block entered with it off (Atomic then leaves
     # commit_on_exit False and autocommit alone).
@@ -298,7 +312,7 @@ def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair 
         wrapper.alias,
         "reset; the next query reconnects",
         "requested",
-        lost=f"{work} (rolled back)" if work else None,
+        lost=lost(work, "rolled back", tally) if work else None,
         thread=thread,
         hint="autocommit stays off, as you had it" if manual else None,
         keep_manual=manual,

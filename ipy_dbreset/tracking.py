@@ -47,6 +47,7 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 from django.utils.connection import ConnectionDoesNotExist
 
+from ipy_dbreset.ledger import Ledger
 from ipy_dbreset.preflight import Preflight
 from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
 
@@ -184,7 +185,7 @@ class Mark:
     queued here, and per-cell work does not grow with the number of idle ones.
     """
 
-    __slots__ = ("__weakref__", "_queue", "used", "wrapper")
+    __slots__ = ("__weakref__", "_queue", "ledger", "used", "wrapper")
 
     def __init__(self, wrapper: BaseDatabaseWrapper, queue: list[Mark]) -> None:
         self._queue = queue
@@ -196,6 +197,9 @@ class Mark:
 
         self.wrapper: weakref.ref[BaseDatabaseWrapper] = weakref.ref(wrapper, gone)
         """Weak: another thread's connection goes with its thread."""
+        self.ledger = Ledger()
+        """What the connection's open transaction holds (:mod:`ipy_dbreset.ledger`)."""
+        self.ledger.install(wrapper)
 
     def _note(self) -> None:
         if not self.used:
@@ -206,11 +210,13 @@ class Mark:
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
     ) -> Any:
         try:
-            return execute(sql, params, many, context)
+            result = execute(sql, params, many, context)
         finally:
             # After the query, not before: a look taken while it runs is
             # followed by another once it is over.
             self._note()
+        self.ledger.note(context["connection"], sql, params, many)  # only what succeeded
+        return result
 
 
 class ConnectionTracker:
@@ -271,6 +277,7 @@ class ConnectionTracker:
             for wrapper, mark in list(self._marks.items()):
                 if mark in wrapper.execute_wrappers:
                     wrapper.execute_wrappers.remove(mark)
+                mark.ledger.remove(wrapper)
             self._marks.clear()
         self.used.clear()
         with self._lock:

@@ -1,0 +1,429 @@
+"""Knowing what an open transaction holds: how many writes, of which kind, on which table.
+
+When a repair discards a transaction, the notice names what went with it
+(``2 unsaved writes (INSERT shop_order x2)``), and ``%dbstatus`` shows what a
+connection's open transaction holds and for how long it has been open.  Only
+the statement's kind (its first keyword) and table are kept, never a
+parameter or a literal: they may hold secrets or personal data.
+
+What is recorded
+    :class:`~ipy_dbreset.tracking.Mark`, the ``execute_wrapper`` on every
+    tracked connection, hands each statement that succeeded to
+    :meth:`Ledger.note`.  A statement run in autocommit mode outside atomic
+    blocks is committed at once: the ledger empties and records nothing.
+    Inside a transaction the statement is classified from the first
+    :data:`PREFIX` characters of its SQL (cached by that prefix, unless it
+    holds a string literal): a read, a write (kind and table), or transaction
+    control.  A failed statement wrote nothing and is not counted.
+
+Savepoints
+    Django creates, rolls back to and releases savepoints through cursors
+    (``BaseDatabaseWrapper._savepoint`` and its siblings, Django 4.1 to 6.x),
+    so those statements pass the wrapper too: ``SAVEPOINT`` opens a level,
+    ``ROLLBACK TO SAVEPOINT`` empties it and drops the levels above it, and
+    ``RELEASE SAVEPOINT`` merges it into the level below.  Unwinding an inner
+    atomic block thus forgets its writes only; the outer blocks' stay.
+
+Transaction boundaries
+    ``commit()``, ``rollback()``, ``set_autocommit()`` and ``connect()`` do not
+    go through execute wrappers, and Django's flags cannot tell two
+    consecutive transactions apart (nor can MySQL's driver, which has no
+    transaction status).  So the ledger hooks those four methods on the
+    wrapper's instance, as :mod:`ipy_dbreset.preflight` hooks its health
+    check: each empties the ledger once it has succeeded (a commit or
+    rollback that failed in the database empties it too: the transaction is
+    over).  They run once per transaction, not once per query.  Raw
+    ``BEGIN``/``COMMIT``/``ROLLBACK`` statements are recognised as well.
+    Not seen: a commit or rollback called on the DB-API connection itself
+    (``connection.connection.commit()``), and what a transaction did before
+    the extension started tracking its connection.
+
+Cost
+    A statement in autocommit mode costs two attribute reads; one in a
+    transaction a slice, a dict lookup and, for a write, a counter update.
+    Memory per transaction is bounded: at most :data:`ENTRIES` distinct
+    (kind, table) pairs per savepoint level, further writes only counted.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from django.db import Error
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+PREFIX = 120
+"""Characters of a statement's SQL that are read to classify it."""
+
+ENTRIES = 8
+"""Distinct (kind, table) pairs kept per savepoint level; further writes are only counted."""
+
+_CACHE_SIZE = 512
+
+# What a statement does, as far as the ledger cares.
+_READ = 0
+_WRITE = 1
+_BEGIN = 2  # a transaction starts (raw BEGIN / START TRANSACTION)
+_END = 3  # the transaction ends (raw COMMIT / ROLLBACK / END / ABORT)
+_SAVEPOINT = 4
+_ROLLBACK_TO = 5
+_RELEASE = 6
+
+Action = tuple[int, str, "str | None"]
+"""(what, kind or savepoint name, table)."""
+
+_NOT_WRITES = frozenset(
+    {
+        *("SELECT", "SHOW", "EXPLAIN", "VALUES", "TABLE", "PRAGMA", "SET", "RESET"),
+        *("DESCRIBE", "DESC", "FETCH", "MOVE", "CLOSE", "DECLARE", "LISTEN", "UNLISTEN"),
+        *("NOTIFY", "PREPARE", "EXECUTE", "DEALLOCATE", "DISCARD", "LOCK", "HANDLER"),
+        *("USE", "ANALYZE", "CHECKPOINT"),
+    }
+)
+"""First keywords of statements that change no data (``SELECT ... FOR UPDATE`` included)."""
+
+_CONTROL = {
+    "BEGIN": _BEGIN,
+    "START": _BEGIN,
+    "COMMIT": _END,
+    "END": _END,
+    "ABORT": _END,
+    "SAVEPOINT": _SAVEPOINT,
+    "RELEASE": _RELEASE,
+}
+
+# Leading blanks, comments and parentheses, then the first keyword.
+_HEAD = re.compile(r"(?:\s+|/\*.*?\*/|--[^\n]*\n|\()*([A-Za-z]+)", re.S)
+_PART = r"""(?:"(?:[^"]|"")+"|`[^`]+`|\[[^\]]+\]|[A-Za-z_][\w$]*)"""  # an identifier, quoted or not
+_NAME = rf"({_PART}(?:\.{_PART})*)"  # a table name, maybe schema-qualified
+_MODIFIERS = r"(?:(?:LOW_PRIORITY|HIGH_PRIORITY|DELAYED|QUICK|IGNORE|ONLY|OR\s+[A-Za-z]+)\s+)*"
+_TABLES = {
+    kind: re.compile(pattern, re.I)
+    for kind, pattern in {
+        "INSERT": rf"\s*{_MODIFIERS}INTO\s+{_NAME}",
+        "REPLACE": rf"\s*{_MODIFIERS}INTO\s+{_NAME}",
+        "UPDATE": rf"\s*{_MODIFIERS}{_NAME}",
+        "DELETE": rf"\s*{_MODIFIERS}FROM\s+{_MODIFIERS}{_NAME}",
+        "MERGE": rf"\s*INTO\s+{_NAME}",
+        "TRUNCATE": rf"\s*(?:TABLE\s+)?{_MODIFIERS}{_NAME}",
+        "COPY": rf"\s*{_NAME}",
+        "CREATE": (
+            rf"\s*(?:(?:OR\s+REPLACE|TEMPORARY|TEMP|UNLOGGED)\s+)*"
+            rf"TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{_NAME}"
+        ),
+        "ALTER": rf"\s*TABLE\s+(?:IF\s+EXISTS\s+)?{_MODIFIERS}{_NAME}",
+        "DROP": rf"\s*(?:TEMPORARY\s+)?TABLE\s+(?:IF\s+EXISTS\s+)?{_NAME}",
+    }.items()
+}
+_SAVEPOINT_NAME = re.compile(rf"\s+(?:TO\s+)?(?:SAVEPOINT\s+)?{_NAME}", re.I)
+_WITH_WRITE = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE)\b", re.I)
+
+_cache: dict[Any, Action] = {}
+"""Classification by statement prefix; never holds a prefix with a string literal."""
+
+
+def _unquote(name: str) -> str:
+    parts = re.findall(r'"((?:[^"]|"")+)"|`([^`]+)`|\[([^\]]+)\]|([^."`\[\]]+)', name)
+    return ".".join(next(p for p in part if p).replace('""', '"') for part in parts)[:63]
+
+
+def classify(sql: object) -> Action:
+    """What a statement does: its kind, and the table it writes to when it is known."""
+    if isinstance(sql, bytes):
+        sql = sql[:PREFIX].decode("utf-8", "replace")
+    if not isinstance(sql, str):
+        return (_WRITE, "SQL", None)  # composed SQL: it may write; what, we cannot tell
+    head = _HEAD.match(sql, 0, PREFIX)
+    if head is None:
+        return (_WRITE, "SQL", None)
+    kind = head.group(1).upper()
+    rest = head.end()
+    if kind in _NOT_WRITES:
+        return (_READ, kind, None)
+    if kind == "WITH":
+        found = _WITH_WRITE.search(sql)  # the whole statement: the write comes after the CTEs
+        return (_WRITE, found.group(1).upper(), None) if found else (_READ, kind, None)
+    if kind == "ROLLBACK":
+        name = _SAVEPOINT_NAME.match(sql, rest, PREFIX)
+        if name is None or sql[rest : name.start(1)].strip().upper() in ("", "WORK"):
+            return (_END, kind, None)
+        return (_ROLLBACK_TO, _unquote(name.group(1)), None)
+    control = _CONTROL.get(kind)
+    if control in (_SAVEPOINT, _RELEASE):
+        name = _SAVEPOINT_NAME.match(sql, rest, PREFIX)
+        return (control, _unquote(name.group(1)) if name else "", None)
+    if control is not None:
+        return (control, kind, None)
+    table_pattern = _TABLES.get(kind)
+    table = table_pattern.match(sql, rest, PREFIX) if table_pattern else None
+    return (_WRITE, kind, _unquote(table.group(1)) if table else None)
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Writes of a transaction (or part of one): counted, and itemised by kind and table."""
+
+    writes: int
+    """Data-changing statements (rows of an ``executemany``)."""
+    entries: tuple[tuple[str, str | None, int], ...] = ()
+    """(kind, table, count), in the order first seen; at most :data:`ENTRIES` per level."""
+    since: float | None = None
+    """``time.monotonic()`` when the transaction's first statement was seen."""
+
+    @property
+    def itemised(self) -> int:
+        return sum(n for _, _, n in self.entries)
+
+    def __sub__(self, other: Tally) -> Tally:
+        left = {(kind, table): n for kind, table, n in self.entries}
+        for kind, table, n in other.entries:
+            if (kind, table) in left:
+                left[(kind, table)] -= n
+        entries = tuple((k, t, n) for (k, t), n in left.items() if n > 0)
+        return Tally(max(self.writes - other.writes, 0), entries, self.since)
+
+    def items(self) -> str:
+        """``INSERT shop_order x2, UPDATE shop_order`` (``+3 more`` for the unitemised)."""
+        parts = [
+            (f"{kind} {table}" if table else kind) + (f" x{n}" if n > 1 else "")
+            for kind, table, n in self.entries
+        ]
+        more = self.writes - self.itemised
+        if more > 0:
+            parts.append(f"+{more} more")
+        return ", ".join(parts)
+
+
+def _writes(n: int) -> str:
+    return f"{n} write" if n == 1 else f"{n} writes"
+
+
+def lost_text(lost: Tally, kept: Tally | None = None) -> str:
+    """What a discarded transaction (or inner block) held, and what its outer blocks keep.
+
+    ``2 unsaved writes (INSERT shop_order x2)``; ``nothing written was lost: it
+    only read``; with ``kept``: ``...; kept: 1 write (INSERT shop_order) in the
+    outer block(s)``.
+    """
+    if lost.writes:
+        text = f"{lost.writes} unsaved {_writes(lost.writes).split(' ', 1)[1]} ({lost.items()})"
+    else:
+        text = "nothing written was lost: it only read"
+    if kept is not None and kept.writes:
+        text += f"; kept: {_writes(kept.writes)} ({kept.items()}) in the outer block(s)"
+    return text
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def status_text(tally: Tally | None) -> str:
+    """``2 writes, open 12 s`` for ``%dbstatus``; empty when no transaction is known."""
+    if tally is None or tally.since is None:
+        return ""
+    return f"{_writes(tally.writes)}, open {_age(time.monotonic() - tally.since)}"
+
+
+class _Level:
+    """The writes since one savepoint (or since the transaction began: ``name`` None)."""
+
+    __slots__ = ("counts", "name", "writes")
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.counts: dict[tuple[str, str | None], int] = {}  # at most ENTRIES keys
+        self.writes = 0  # every write, itemised in counts or not
+
+    def add(self, key: tuple[str, str | None], n: int) -> None:
+        self.writes += n
+        counts = self.counts
+        if key in counts:
+            counts[key] += n
+        elif len(counts) < ENTRIES:
+            counts[key] = n
+
+
+_HOOKED = ("commit", "rollback", "set_autocommit", "connect")
+
+
+class Ledger:
+    """The writes of one connection's open transaction, per savepoint level."""
+
+    __slots__ = ("_hooks", "_levels", "since")
+
+    def __init__(self) -> None:
+        self._levels: list[_Level] = []
+        """The transaction's base level, then one per open savepoint; empty: none known."""
+        self.since: float | None = None
+        """``time.monotonic()`` when the transaction's first statement was seen."""
+        self._hooks: dict[str, Callable[..., Any]] = {}  # ours, to take exactly them away
+
+    # -- recording: on the owner's thread, after each successful statement ----
+
+    def note(self, wrapper: BaseDatabaseWrapper, sql: Any, params: Any, many: bool) -> None:
+        """Record a statement that succeeded on ``wrapper`` (called by the execute wrapper)."""
+        if wrapper.autocommit and not wrapper.in_atomic_block:
+            if self._levels:
+                self.clear()  # committed at once; what came before has ended too
+            return
+        try:
+            action = _cache[sql[:PREFIX]]
+        except (KeyError, TypeError):
+            action = self._classify(sql)
+        what = action[0]
+        levels = self._levels
+        if not levels:
+            levels.append(_Level(None))
+            self.since = time.monotonic()
+        if what == _WRITE:
+            n = len(params) if many and hasattr(params, "__len__") else 1
+            levels[-1].add((action[1], action[2]), n)
+        elif what != _READ:
+            self._control(what, action[1])
+
+    @staticmethod
+    def _classify(sql: Any) -> Action:
+        action = classify(sql)
+        if isinstance(sql, str) and action[1] != "WITH":
+            key = sql[:PREFIX]
+            if "'" not in key:  # a string literal may hold a secret: not kept
+                if len(_cache) >= _CACHE_SIZE:
+                    _cache.clear()
+                _cache[key] = action
+        return action
+
+    def _control(self, what: int, name: str) -> None:
+        levels = self._levels
+        if what in (_BEGIN, _END):
+            self.clear()
+            if what == _BEGIN:
+                levels.append(_Level(None))
+                self.since = time.monotonic()
+            return
+        if what == _SAVEPOINT:
+            levels.append(_Level(name))
+            return
+        found = next((i for i in range(len(levels) - 1, 0, -1) if levels[i].name == name), None)
+        if found is None:
+            return  # a savepoint from before the ledger knew the transaction
+        if what == _ROLLBACK_TO:
+            del levels[found + 1 :]
+            levels[found] = _Level(name)  # the savepoint stays, emptied
+        elif what == _RELEASE:
+            below = levels[found - 1]
+            for level in levels[found:]:
+                below.writes += level.writes - sum(level.counts.values())
+                for key, n in level.counts.items():
+                    below.add(key, n)
+            del levels[found:]
+
+    def clear(self) -> None:
+        self._levels.clear()
+        self.since = None
+
+    # -- reading: by the owner, or while the connection is held still ----------
+
+    def tally(self) -> Tally | None:
+        """What the open transaction holds, or ``None`` when none is known."""
+        levels = list(self._levels)  # a copy: another thread may be recording
+        if not levels:
+            return None
+        counts: dict[tuple[str, str | None], int] = {}
+        writes = 0
+        for level in levels:
+            writes += level.writes
+            for key, n in list(level.counts.items()):
+                if key in counts or len(counts) < ENTRIES:
+                    counts[key] = counts.get(key, 0) + n
+        return Tally(writes, tuple((k, t, n) for (k, t), n in counts.items()), self.since)
+
+    # -- hooks on the transaction boundaries that bypass execute wrappers -------
+
+    def install(self, wrapper: BaseDatabaseWrapper) -> None:
+        """Empty the ledger whenever ``wrapper`` commits, rolls back, or changes connection."""
+        for name in _HOOKED:
+            if name not in self._hooks:
+                hook = self._hook(wrapper, name)
+                setattr(wrapper, name, hook)
+                self._hooks[name] = hook
+
+    def remove(self, wrapper: BaseDatabaseWrapper) -> None:
+        """Take exactly our hooks away (not one another extension put over them)."""
+        for name, hook in self._hooks.items():
+            if wrapper.__dict__.get(name) is hook:
+                delattr(wrapper, name)
+        self._hooks.clear()
+        self.clear()
+
+    def _hook(self, wrapper: BaseDatabaseWrapper, name: str) -> Callable[..., Any]:
+        # Django's method or the backend's override; looked up now, on the instance's class.
+        original: Callable[..., Any] = getattr(wrapper, name)
+        clear = self.clear
+
+        if name == "set_autocommit":
+
+            def set_autocommit(*args: Any, **kwargs: Any) -> Any:
+                before = wrapper.autocommit
+                result = original(*args, **kwargs)
+                if wrapper.autocommit != before:  # entering or leaving a transaction
+                    clear()
+                return result
+
+            return set_autocommit
+
+        if name == "connect":
+
+            def connect(*args: Any, **kwargs: Any) -> Any:
+                clear()  # whatever the old connection held is gone
+                return original(*args, **kwargs)
+
+            return connect
+
+        def end(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = original(*args, **kwargs)
+            except Error:
+                clear()  # the database failed to end it: the transaction is over all the same
+                raise
+            clear()
+            return result
+
+        end.__name__ = name
+        return end
+
+
+def ledger_of(wrapper: BaseDatabaseWrapper) -> Ledger | None:
+    """The ledger of a tracked connection (held by its execute wrapper), if any."""
+    for execute_wrapper in wrapper.execute_wrappers:
+        ledger = getattr(execute_wrapper, "ledger", None)
+        if isinstance(ledger, Ledger):
+            return ledger
+    return None
+
+
+def tally_of(wrapper: BaseDatabaseWrapper) -> Tally | None:
+    """What ``wrapper``'s open transaction holds, if it is tracked and in one."""
+    ledger = ledger_of(wrapper)
+    return None if ledger is None else ledger.tally()
+
+
+def lost(work: str, why: str, tally: Tally | None, kept: Tally | None = None) -> str:
+    """A repair's ``lost`` text: ``a manual transaction (why): 2 unsaved writes (...)``.
+
+    ``tally`` is what the discarded part held (``None``: not known, the
+    connection is not tracked); ``kept`` what the outer blocks still hold.
+    """
+    text = f"{work} ({why})"
+    return text if tally is None else f"{text}: {lost_text(tally, kept)}"
