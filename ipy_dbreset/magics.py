@@ -459,7 +459,7 @@ class DBReset(Magics):
                 self._say_all(said)
         if self._check_before:
             try:
-                if not self._healthy():
+                if not self._healthy(listen=True, failed=False):
                     self._check(suspect=False, before_cell=True)
             except KeyboardInterrupt:  # the user stopped the cell as it began
                 self._pass_on_interrupt(before_cell=True)
