@@ -9,25 +9,28 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from django.db import Error
+from django.db import Error, connections
 
 from ipy_dbreset.display import where
 from ipy_dbreset.drivers import Sockets, driver_for
-from ipy_dbreset.health import Problem, Verdict, judge
+from ipy_dbreset.health import Problem, Snapshot, Verdict, judge, snapshot
+from ipy_dbreset.idle import IdleKeeper
+from ipy_dbreset.network import Network, SocketState
 from ipy_dbreset.repair import Repair, repair, reset
+from ipy_dbreset.tracking import ConnectionTracker, touching
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    import threading
+    from collections.abc import Callable, Iterable
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     from ipy_dbreset.drivers import FastCheck
-    from ipy_dbreset.health import Snapshot
-    from ipy_dbreset.network import SocketState
-    from ipy_dbreset.tracking import ConnectionTracker, Mark, Tracked
+    from ipy_dbreset.tracking import Mark, Tracked
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +55,6 @@ class Failure:
         return f"{where(self.alias, self.thread)}: {self.error}"
 
 
-@dataclass(frozen=True)
-class Status:
-    """One connection in use, as ``%dbstatus`` shows it; read locally, never connecting."""
-
-    thread: str | None
-    snapshot: Snapshot
-    last: Repair | None
-    """Its last repair, reset or release."""
-    keepalive: SocketState | None
-    """Its socket's keepalive settings (``None``: not a TCP socket, or not connected)."""
-    kept: str | None
-    """Why idle_release would keep it open (``None``: it would not, or the release is off)."""
-
-
 class Repairs(weakref.WeakKeyDictionary["BaseDatabaseWrapper", Repair]):
     """The last repair of each connection, and the session's repairs in order.
 
@@ -83,19 +72,46 @@ class Repairs(weakref.WeakKeyDictionary["BaseDatabaseWrapper", Repair]):
         self.history.append(repair)
 
 
-class RepairFailed(Exception):
-    """Some repairs (or resets) failed; every other connection was still seen to.
+@dataclass(frozen=True)
+class Outcome:
+    """What one check (or reset) did: false when there is nothing to tell.
 
-    Raised at the end of a run, so that one connection the database refuses
-    to roll back or close does not keep the others broken.
+    Failures do not stop a run: one connection the database refuses to roll
+    back or close does not keep the others broken.
     """
 
-    def __init__(self, failures: list[Failure], done: list[Repair]) -> None:
-        super().__init__("; ".join(f.describe() for f in failures))
-        self.failures = failures
-        """One per connection whose repair failed."""
-        self.done = done
-        """What was repaired (or reset) all the same."""
+    repairs: tuple[Repair, ...] = ()
+    failures: tuple[Failure, ...] = ()
+    """One per connection whose repair (or reset) itself failed."""
+    skipped: tuple[tuple[str, str | None], ...] = ()
+    """(alias, thread) of the connections left alone because their thread was using them."""
+    healthy: bool = False
+    """Every connection was judged healthy: nothing was done and none was left out."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether every repair (or reset) that was tried succeeded."""
+        return not self.failures
+
+    def __bool__(self) -> bool:
+        return bool(self.repairs or self.failures or self.skipped)
+
+
+HEALTHY = Outcome(healthy=True)
+
+
+@dataclass(frozen=True)
+class Status:
+    """One connection in use, as ``%dbstatus`` shows it; read locally, never connecting."""
+
+    thread: str | None
+    snapshot: Snapshot
+    last: Repair | None
+    """Its last repair, reset or release."""
+    keepalive: SocketState | None
+    """Its socket's keepalive settings (``None``: not a TCP socket, or not connected)."""
+    kept: str | None
+    """Why idle_release would keep it open (``None``: it would not, or the release is off)."""
 
 
 def _error(exc: Error) -> str:
@@ -104,44 +120,86 @@ def _error(exc: Error) -> str:
 
 
 class Checkup:
-    """Judge and repair every connection a :class:`ConnectionTracker` knows.
+    """Judge and repair every Django connection in use, in every thread.
+
+    It watches connections between :meth:`start` and :meth:`stop` (through a
+    :class:`~ipy_dbreset.tracking.ConnectionTracker` of its own); :meth:`run`
+    repairs what is broken, :meth:`reset` resets on request, :meth:`status`
+    describes each connection.
 
     Parameters
     ----------
-    tracker
-        Where the connections come from.
+    home
+        The thread the shell runs cells in (default: this one).
     leave_manual_transactions
         Leave an aborted manual transaction (``set_autocommit(False)``) to the
         user, with a hint, instead of rolling it back.
     """
 
-    def __init__(self, tracker: ConnectionTracker, *, leave_manual_transactions: bool = False):
-        self.tracker = tracker
+    def __init__(
+        self, home: threading.Thread | None = None, *, leave_manual_transactions: bool = False
+    ) -> None:
+        # Every connection in use, and the marks their queries set; watching
+        # only between start() and stop().
+        self._tracker = ConnectionTracker(home)
         self.leave_manual_transactions = leave_manual_transactions
-        self.last = Repairs()
-        """The last repair or reset of each connection (not of its alias: a thread
-        can hold more than one wrapper of an alias, and one of them may not be in use)."""
+        """Leave an aborted manual transaction to the user; may change between runs."""
+        # The last repair or reset of each connection (not of its alias: a
+        # thread can hold more than one wrapper of an alias, and one of them
+        # may not be in use), for status(); and the session's, for history().
+        self._last = Repairs()
+        # (alias, thread) of the aborted manual transactions left to the user
+        # and already told of: said once, until the connection is healthy again.
         self._told: set[tuple[str, str | None]] = set()
-        self.skipped: list[tuple[str, str | None]] = []
-        """Connections the last run (or reset) left alone because their thread was using them."""
-        # The shell thread's connections live as long as the shell: kept as they
-        # are.  Other threads' are kept by weak reference.
+        # What the last full run found healthy, for _watch() to take as the
+        # fast path's baseline: the shell thread's connections live as long as
+        # the shell and are kept as they are, other threads' by weak reference.
         self._fast: list[tuple[BaseDatabaseWrapper, Any, FastCheck]] = []
         self._fast_others: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
+        # The tracker's version when that run was clean; -1: no baseline, the
+        # next check is a full one.
         self._fast_version = -1
         # The fast path's baseline, taken from the two lists above after a
         # clean full run: each healthy connection's driver connection and check,
         # by the Mark its queries set, and all their sockets in one set.
         self._watched: dict[Mark, tuple[Any, FastCheck]] = {}
         self._sockets = Sockets(())
+        # Idle connections, ended threads' connections, long transactions; off
+        # until configure_idle() turns its parts on.
+        self._idle = IdleKeeper(self._tracker, self._last)
+        self.before_cell = self._idle.before_cell
+        """A cell starts: what happened since the last one, as (verbosity, line) pairs."""
+        self.after_cell = self._idle.after_cell
+        """A cell ended: close ended threads' connections; what to say, as above."""
 
-    def run(
-        self, suspect: bool = False, listen: bool = True, failed: bool = False
-    ) -> list[Repair] | None:
-        """Repair what is broken and return what was done.
+    def start(self, *, on_created: Callable[[BaseDatabaseWrapper], None] | None = None) -> None:
+        """Watch new connections and adopt the home thread's open ones.
 
-        ``None`` means every connection was healthy and nothing was left out;
-        a list (perhaps empty, see :attr:`skipped`) means there is something to say.
+        ``on_created`` is called with every connection in use now and with every
+        one opened from now on, in the thread that opens it.
+        """
+        if on_created is not None:
+            self._tracker.on_created.append(on_created)
+        self._tracker.start()
+        if on_created is not None:
+            for tracked in self._tracker:  # opened before
+                on_created(tracked.wrapper)
+
+    def configure_idle(self, *, release_after: float, long_transaction: float) -> None:
+        """Seconds before idle connections are released, and a transaction pointed out."""
+        self._idle.configure(release_after=release_after, long_transaction=long_transaction)
+
+    def stop(self) -> None:
+        """Stop watching; leave every connection as Django made it."""
+        self._idle.stop()
+        self._tracker.stop()
+        self._tracker.on_created.clear()
+        self._fast, self._fast_others, self._fast_version = [], [], -1
+        self._watched = {}
+        self._sockets.close()
+
+    def run(self, *, suspect: bool = False, listen: bool = True, failed: bool = False) -> Outcome:
+        """Repair what is broken and say what was done.
 
         ``suspect`` asks for a liveness check of the shell thread's connections
         even when nothing local hints at trouble (after an interrupt).
@@ -158,11 +216,11 @@ class Checkup:
         # cell costs the same with one connection or a hundred.  Anything
         # else (new connections, a mark nobody knows, a suspicion) takes the
         # full path below.
-        if not suspect and self.healthy(listen, failed):
-            return None
-        return self.check_all(suspect)
+        if not suspect and self.healthy(listen=listen, failed=failed):
+            return HEALTHY
+        return self.check_all(suspect=suspect)
 
-    def healthy(self, listen: bool = True, failed: bool = False) -> bool:
+    def healthy(self, *, listen: bool = True, failed: bool = False) -> bool:
         """The fast path alone: whether every connection is as healthy as last time.
 
         ``False`` means there is something to look at: call :meth:`check_all`
@@ -170,18 +228,18 @@ class Checkup:
         used since).  A caller that must prepare for a repair (the shell holds
         back interrupts) does so only then.
         """
-        tracker = self.tracker
+        tracker = self._tracker
         # What the look before each query did (ipy_dbreset.preflight) is for check_all to say.
         if tracker.preflight.found:
             return False
         return self._fast_version == tracker.version and self._unchanged(listen, failed)
 
-    def check_all(self, suspect: bool = False) -> list[Repair] | None:
+    def check_all(self, *, suspect: bool = False) -> Outcome:
         """Judge every connection in full and repair the broken ones; see :meth:`run`."""
-        tracker = self.tracker
+        tracker = self._tracker
         if tracker.used:
             tracker.take_used()  # the full run reads them all anyway
-        done = self._full_run(suspect)
+        done = self._full_run(suspect=suspect)
         if self._fast_version == tracker.version:
             self._watch()
         elif self._watched:  # no baseline until a clean run: keep nothing of the old one
@@ -191,7 +249,7 @@ class Checkup:
 
     def _unchanged(self, listen: bool, failed: bool) -> bool:
         """Whether every connection of the baseline is still as healthy as it was."""
-        if self.tracker.used and not self._still_healthy(self.tracker.take_used()):
+        if self._tracker.used and not self._still_healthy(self._tracker.take_used()):
             return False
         if failed and not self._still_healthy(self._watched):
             return False
@@ -217,7 +275,7 @@ class Checkup:
         watched: dict[Mark, tuple[Any, FastCheck]] = {}
         filenos = []
         for wrapper, raw, check in self._fast:
-            mark = self.tracker.mark_of(wrapper)
+            mark = self._tracker.mark_of(wrapper)
             if mark is None:  # not watched for queries: only the full path can judge it
                 self._fast_version = -1
                 return
@@ -225,7 +283,7 @@ class Checkup:
             filenos.append(driver_for(raw).fileno(wrapper))
         for ref, raw, check in self._fast_others:
             other = ref()
-            mark = None if other is None else self.tracker.mark_of(other)
+            mark = None if other is None else self._tracker.mark_of(other)
             if other is None or mark is None:
                 self._fast_version = -1
                 return
@@ -238,16 +296,15 @@ class Checkup:
         self._sockets.close()
         self._sockets = Sockets(filenos)
 
-    def _full_run(self, suspect: bool) -> list[Repair] | None:
+    def _full_run(self, *, suspect: bool) -> Outcome:
         done: list[Repair] = []
         failed: list[Failure] = []
+        skipped: list[tuple[str, str | None]] = []
         fast: list[tuple[BaseDatabaseWrapper, Any, FastCheck]] = []
         fast_others: list[tuple[weakref.ref[BaseDatabaseWrapper], Any, FastCheck]] = []
-        version = self.tracker.version
+        version = self._tracker.version
         clean = True
-        if self.skipped:
-            self.skipped = []
-        for wrapper in self.tracker.home:
+        for wrapper in self._tracker.home:
             if wrapper.connection is None and not wrapper.in_atomic_block:
                 continue
             verdict = judge(wrapper, suspect=suspect)
@@ -258,15 +315,15 @@ class Checkup:
                 self._told.discard((wrapper.alias, None))
                 raw = wrapper.connection
                 fast.append((wrapper, raw, driver_for(raw).fast_check(wrapper)))
-        if self.tracker.has_others():
-            for tracked in self.tracker.others():
+        if self._tracker.has_others():
+            for tracked in self._tracker.others():
                 wrapper = tracked.wrapper
                 if wrapper.connection is None and not wrapper.in_atomic_block:
                     continue
-                with self.tracker.hold(tracked) as hold:
-                    if not hold.free:
+                with self._tracker.hold(tracked) as free:
+                    if not free:
                         clean = False
-                        self.skipped.append((wrapper.alias, tracked.thread_name))
+                        skipped.append((wrapper.alias, tracked.thread_name))
                         log.debug(
                             "ipy_dbreset: %s in %s is in use; not checked",
                             wrapper.alias,
@@ -288,25 +345,25 @@ class Checkup:
         # thread must be judged in full again next time.
         self._fast, self._fast_others = fast, fast_others
         self._fast_version = version if clean else -1
-        if failed:
-            raise RepairFailed(failed, done)
-        return None if clean else done
+        if clean:
+            return HEALTHY
+        return Outcome(tuple(done), tuple(failed), tuple(skipped))
 
-    def _with_preflight(self, repairs: list[Repair] | None) -> list[Repair]:
+    def _with_preflight(self, outcome: Outcome) -> Outcome:
         """Add what was done or seen just before queries since the last check.
 
         A connection this check repaired itself gets only the check's own
         notice, which names the same loss.
         """
-        done = repairs or []
+        done = outcome.repairs
         repaired = {(r.alias, r.thread) for r in done}
         early: dict[tuple[tuple[str, str | None], str], Repair] = {}
-        for wrapper, record in self.tracker.preflight.drain():
+        for wrapper, record in self._tracker.preflight.drain():
             key = (record.alias, record.thread)
             if key not in repaired:
                 early[key, record.action] = record  # once per connection and kind
-                self.last[wrapper] = record
-        return [*early.values(), *done]
+                self._last[wrapper] = record
+        return replace(outcome, repairs=(*early.values(), *done), healthy=False)
 
     def _fix(
         self,
@@ -321,67 +378,90 @@ class Checkup:
         if leave and key in self._told:
             return  # the user was told already; it is theirs to end
         try:
-            result = repair(
+            result = touching(
                 wrapper,
-                verdict,
-                thread=thread,
-                leave_manual_transactions=self.leave_manual_transactions,
+                partial(
+                    repair,
+                    wrapper,
+                    verdict,
+                    thread=thread,
+                    leave_manual_transactions=self.leave_manual_transactions,
+                ),
             )
         except Error as exc:
             log.warning("ipy_dbreset: could not repair %s in thread %s", *key, exc_info=True)
             failed.append(Failure(*key, _error(exc)))
             return
         if result.keep_manual:
-            self.tracker.when_connected(wrapper, _manual_transactions)
+            self._tracker.when_connected(wrapper, _manual_transactions)
         if leave:
             self._told.add(key)
-        self.last[wrapper] = result
+        self._last[wrapper] = result
         done.append(result)
 
-    def reset(self, aliases: Iterable[str] | None = None) -> list[Repair]:
+    def reset(self, aliases: Iterable[str] | None = None) -> Outcome:
         """Roll back and close the connections of ``aliases`` (default: all in use).
 
-        Those whose thread is using them are left, in :attr:`skipped`; if some
-        could not be reset, :class:`RepairFailed` is raised once all the
-        others were.
+        Those whose thread is using them are left alone (:attr:`Outcome.skipped`);
+        one that cannot be reset does not keep the others from being reset.
         """
         wanted = None if aliases is None else set(aliases)
         done: list[Repair] = []
         failed: list[Failure] = []
-        self.skipped = []
+        skipped: list[tuple[str, str | None]] = []
         # A reset rolls back and closes without running a query, so no mark
         # tells the fast path; one that failed may leave a connection broken.
         # The next check reads every connection again.
         self._fast_version = -1
-        for tracked in self.tracker:
+        for tracked in self._tracker:
             wrapper = tracked.wrapper
             if wanted is not None and wrapper.alias not in wanted:
                 continue
             key = (wrapper.alias, tracked.thread_name)
-            with self.tracker.hold(tracked) as hold:
-                if not hold.free:
+            with self._tracker.hold(tracked) as free:
+                if not free:
                     log.info("ipy_dbreset: %s in thread %s is in use; not reset", *key)
-                    self.skipped.append(key)
+                    skipped.append(key)
                     continue
                 try:
-                    result = reset(wrapper, thread=tracked.thread_name)
+                    result = touching(wrapper, partial(reset, wrapper, thread=tracked.thread_name))
                 except Error as exc:
                     log.warning("ipy_dbreset: could not reset %s in thread %s", *key, exc_info=True)
                     failed.append(Failure(*key, _error(exc)))
                     continue
             if result is not None:
                 if result.keep_manual:
-                    self.tracker.when_connected(wrapper, _manual_transactions)
+                    self._tracker.when_connected(wrapper, _manual_transactions)
                 self._told.discard(key)
-                self.last[wrapper] = result
+                self._last[wrapper] = result
                 done.append(result)
-        if failed:
-            raise RepairFailed(failed, done)
-        return done
+        return Outcome(tuple(done), tuple(failed), tuple(skipped))
+
+    def status(self, aliases: Iterable[str] | None = None) -> list[Status]:
+        """Every connection in use (of ``aliases``), the shell thread's first."""
+        wanted = None if aliases is None else set(aliases)
+        found = []
+        for tracked in self._tracker:
+            wrapper = tracked.wrapper
+            if wanted is not None and wrapper.alias not in wanted:
+                continue
+            snap = snapshot(wrapper)
+            kept = self._idle.kept(wrapper) if snap.connected else None
+            found.append(
+                Status(
+                    tracked.thread_name, snap, self._last.get(wrapper), Network.state(wrapper), kept
+                )
+            )
+        return found
+
+    def aliases(self) -> list[str]:
+        """Every alias ``DATABASES`` names (and any put in place by hand)."""
+        return list(connections)
 
     def tracked(self) -> list[Tracked]:
-        return list(self.tracker)
+        """Every connection in use and its thread, the shell thread's first."""
+        return list(self._tracker)
 
     def history(self) -> list[Repair]:
         """The session's repairs, resets and releases, oldest first (the last :data:`HISTORY`)."""
-        return list(self.last.history)
+        return list(self._last.history)

@@ -7,8 +7,8 @@ A notice is one line per thing done, verb first::
 ``%dbstatus`` is a table whose rows hold the essentials (about 100 columns in
 a terminal); what is long (the last repair, why an idle connection is kept
 open, keepalive settings that differ) goes on a detail line under its row, or
-once under the table when every connection shares it.  Nothing here touches a
-connection: the functions work on plain data (repairs, snapshots).
+once under the table when every connection shares it.  Nothing here knows IPython or
+touches a connection: the functions work on plain data (repairs, statuses).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
     from datetime import datetime, tzinfo
 
-    from ipy_dbreset.checkup import Status
+    from ipy_dbreset.checkup import Outcome, Status
     from ipy_dbreset.repair import Repair
 
 PREFIX = "ipy_dbreset"
@@ -92,6 +92,33 @@ def repair_notice(repairs: Sequence[Repair]) -> Notice:
 def threads(connections: Iterable[tuple[str, str | None]]) -> str:
     """``db 'default' (thread worker_0), db 'other' (thread worker_0)``."""
     return ", ".join(where(alias, thread) for alias, thread in connections)
+
+
+def failure_notice(outcome: Outcome) -> Notice:
+    """What a check repaired and which repairs failed, one line each."""
+    lines = [repair_line(r) for r in outcome.repairs]
+    lines += [f"could not repair {f.describe()}; run %dbreset" for f in outcome.failures]
+    return Notice("\n".join(lines), "error")
+
+
+def skipped_notice(outcome: Outcome) -> Notice:
+    return Notice(f"not checked, in use by their thread: {threads(outcome.skipped)}", "info")
+
+
+def reset_notice(outcome: Outcome, aliases: Sequence[str] | None) -> Notice:
+    """What ``%dbreset`` did, left alone and could not do, one line each."""
+    lines = [repair_line(r) for r in outcome.repairs]
+    lines += [f"could not reset {f.describe()}" for f in outcome.failures]
+    if outcome.skipped:
+        lines.append(f"left, in use by their thread: {threads(outcome.skipped)}")
+    if outcome.failures:
+        return Notice("\n".join(lines), "error")
+    if outcome.repairs:
+        return Notice("\n".join(lines))
+    if outcome.skipped:
+        return Notice("\n".join(lines), "info")
+    which = ", ".join(aliases) if aliases else "any alias"
+    return Notice(f"nothing to reset: no open connection for {which}", "info")
 
 
 # -- times -------------------------------------------------------------------------

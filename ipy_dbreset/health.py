@@ -39,7 +39,6 @@ class Verdict:
     problem: Problem
     reason: str
     """Why, as a notice says it: ``a failed statement aborted the transaction``."""
-    transaction: Transaction
 
 
 def judge(wrapper: BaseDatabaseWrapper, *, suspect: bool = False) -> Verdict | None:
@@ -57,30 +56,28 @@ def judge(wrapper: BaseDatabaseWrapper, *, suspect: bool = False) -> Verdict | N
     raw = wrapper.connection
     if raw is None:
         if wrapper.in_atomic_block:
-            return Verdict(Problem.LOST, _CLOSED_IN_BLOCK, Transaction.UNKNOWN)
+            return Verdict(Problem.LOST, _CLOSED_IN_BLOCK)
         return None
     if wrapper.closed_in_transaction:
-        return Verdict(Problem.LOST, _CLOSED_IN_BLOCK, Transaction.UNKNOWN)
+        return Verdict(Problem.LOST, _CLOSED_IN_BLOCK)
     driver = driver_for(raw)
     link = driver.link(wrapper)
     if link.closed:
-        return Verdict(Problem.LOST, "the driver found the connection closed", link.transaction)
+        return Verdict(Problem.LOST, "the driver found the connection closed")
     if link.pending or suspect:
         liveness = driver.liveness(wrapper)
         if liveness is Liveness.LOST:
-            return Verdict(Problem.LOST, "the server closed the connection", link.transaction)
+            return Verdict(Problem.LOST, "the server closed the connection")
         if liveness is Liveness.UNREAD:
-            return Verdict(
-                Problem.STUCK, "an interrupted query left its result unread", link.transaction
-            )
+            return Verdict(Problem.STUCK, "an interrupted query left its result unread")
     if link.transaction is Transaction.INERROR:
         # After an interrupt the failed statement is, most likely, the cancelled query.
         cause = "a cancelled query" if suspect else "a failed statement"
-        return Verdict(Problem.ABORTED, f"{cause} aborted the transaction", link.transaction)
+        return Verdict(Problem.ABORTED, f"{cause} aborted the transaction")
     if link.transaction is Transaction.ACTIVE:
-        return Verdict(Problem.STUCK, "a query was left running", link.transaction)
+        return Verdict(Problem.STUCK, "a query was left running")
     if wrapper.in_atomic_block and wrapper.needs_rollback:
-        return Verdict(Problem.MARKED, "a query failed inside the atomic block", link.transaction)
+        return Verdict(Problem.MARKED, "a query failed inside the atomic block")
     return None
 
 

@@ -40,7 +40,8 @@ from ipy_dbreset import ledger
 from ipy_dbreset.display import where
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import judge, open_work
-from ipy_dbreset.repair import Repair, _drop, borrowed, outside_event_loop
+from ipy_dbreset.repair import Repair, _drop
+from ipy_dbreset.tracking import borrowed, outside_event_loop
 
 if TYPE_CHECKING:
     from collections.abc import Callable, MutableMapping, Sequence

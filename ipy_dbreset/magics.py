@@ -17,13 +17,16 @@ Configure it like any IPython extension, with ``%config`` or in
     c.DBReset.check_before_cell = True
     c.DBReset.aborted_manual_transactions = "leave"
     c.DBReset.network_timeout = 30   # seconds a frozen network may hold a query
+
+Everything that judges, repairs and describes connections is the engine's
+(:class:`~ipy_dbreset.checkup.Checkup`) and :mod:`ipy_dbreset.display`'s; this
+module holds one ``Checkup`` and connects it to the shell.
 """
 
 from __future__ import annotations
 
 import ast
 import logging
-import os
 import signal
 import sys
 import threading
@@ -33,12 +36,31 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.shellapp import InteractiveShellApp
 from IPython.display import display
 from traitlets import Bool, Enum, Float, Int, TraitError, TraitType, Unicode, observe
 from traitlets.config.loader import DeferredConfig
 
-from ipy_dbreset.checkup import RepairFailed
-from ipy_dbreset.display import Notice, Table, history_table, repair_notice, status_table, threads
+from ipy_dbreset.checkup import Checkup, Outcome
+from ipy_dbreset.display import (
+    Notice,
+    Table,
+    failure_notice,
+    history_table,
+    repair_notice,
+    reset_notice,
+    skipped_notice,
+    status_table,
+)
+from ipy_dbreset.network import Network
+from ipy_dbreset.project import (
+    ASYNC_UNSAFE_VARIABLE,
+    ProjectError,
+    Source,
+    allow_async_unsafe,
+    setup_django,
+)
+from ipy_dbreset.tracking import in_event_loop
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -48,9 +70,7 @@ if TYPE_CHECKING:
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
 
-    from ipy_dbreset.checkup import Checkup, Failure
-    from ipy_dbreset.idle import IdleKeeper, Said
-    from ipy_dbreset.network import Network
+    from ipy_dbreset.idle import Said
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
@@ -61,35 +81,20 @@ _EVENTS = ("pre_run_cell", "post_run_cell")
 class ResetResult(list["Repair"]):
     """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset.
 
-    Shown later (``result`` alone in a cell), it shows the notice; the cell that
-    ran the magic does not show it as its output (see :meth:`DBReset.dbreset`).
+    ``.left``: (alias, thread) of the connections left alone because their
+    thread was using them; ``.failed``: those that could not be reset, with the
+    database's error.  Shown later (``result`` alone in a cell), it shows the
+    notice; the cell that ran the magic does not show it as its output.
     """
 
-    def __init__(
-        self,
-        repairs: list[Repair],
-        notice: Notice,
-        *,
-        left: list[tuple[str, str | None]] | None = None,
-        failed: list[Failure] | None = None,
-    ) -> None:
-        super().__init__(repairs)
+    def __init__(self, outcome: Outcome, notice: Notice) -> None:
+        super().__init__(outcome.repairs)
         self.notice = notice
-        self.left = left or []
-        """(alias, thread) of the connections left alone because their thread was using them."""
-        self.failed = failed or []
-        """The connections that could not be reset, with the database's error."""
+        self.left = list(outcome.skipped)
+        self.failed = list(outcome.failures)
 
     def _ipython_display_(self) -> None:
         display(self.notice)
-
-
-def _not_running(suspect: bool) -> None:
-    return None
-
-
-def _nothing_to_check(listen: bool, failed: bool) -> bool:
-    return True
 
 
 @contextmanager
@@ -258,21 +263,25 @@ class DBReset(Magics):
 
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
         # Before super().__init__: it loads the shell's config, which runs the observers.
-        self.checkup: Checkup | None = None
+        # The engine: watches connections from start() to stop().
+        self.checkup = Checkup(threading.current_thread())
+        self._running = False  # between start() and stop()
         self.network: Network | None = None  # keepalive and the stop button's path check
-        self._set_async_unsafe = False
-        self._set_wait_callback = False
-        # The displayhook that %dbreset set aside for the rest of its cell (see dbreset).
+        # What start() changed in the process, for stop() to undo.
+        self._set_async_unsafe = self._set_wait_callback = False
+        # The displayhook that %dbreset set aside for the rest of its cell (see
+        # _not_as_output), and the results it keeps from showing as Out[n].
         self._displayhook: DisplayHook | None = None
-        self._hidden: list[ResetResult] = []  # what it keeps from showing as Out[n]
+        self._hidden: list[ResetResult] = []
         # Set while an interrupt held back before a cell waits for that cell.
         self._stop_cell: _StopCell | None = None
+        # What the callbacks do, read as plain attributes around every cell
+        # (trait reads cost more than judging a healthy connection): whether
+        # to check, the checkup's fast path and its full check.
         self._check_before = self._check_after = False
-        # The checkup's fast path, and its full check (only when the first says no).
-        self._healthy: Callable[[bool, bool], bool] = _nothing_to_check
-        self._check_all: Callable[[bool], list[Repair] | None] = _not_running
-        # Idle connections, ended threads' connections, long transactions (ipy_dbreset.idle).
-        self._idle: IdleKeeper | None = None
+        self._healthy = self.checkup.healthy
+        self._check_all = self.checkup.check_all
+        self._before_cell, self._after_cell = self.checkup.before_cell, self.checkup.after_cell
         # Said while a kernel started up, before any cell could show it: shown
         # with the first cell's output.
         self._held: list[Notice] = []
@@ -285,7 +294,6 @@ class DBReset(Magics):
                 with suppress(ValueError):
                     shell.configurables.remove(self)  # type: ignore[arg-type]
             raise BadOption(self._bad_option(shell, exc)) from None
-        self._switches_changed()
 
     def _bad_option(self, shell: InteractiveShell | None, exc: Exception) -> str:
         """``c.DBReset.verbosity = 'x' is not valid: expected 0, 1 or 2``."""
@@ -299,7 +307,7 @@ class DBReset(Magics):
             shown = str(raw) if isinstance(raw, DeferredConfig) else raw  # --DBReset.x=...
             try:
                 # On this instance, which is being thrown away: its traits are
-                # still the defaults, and its observers see no checkup to act on.
+                # still the defaults, and its observers see nothing running.
                 value = raw.get_value(trait) if isinstance(raw, DeferredConfig) else raw
                 setattr(self, name, value)
             except (TraitError, ValueError):
@@ -313,79 +321,54 @@ class DBReset(Magics):
 
     def start(self) -> None:
         """Set up Django and start watching connections; raise UsageError if it cannot."""
-        from ipy_dbreset.project import ProjectError, setup_django
-
         try:
             setup = setup_django(self.settings_module)
         except ProjectError as exc:
             raise UsageError(f"ipy_dbreset: {exc}") from None
-
-        from ipy_dbreset.checkup import Checkup
-        from ipy_dbreset.network import Network
-        from ipy_dbreset.tracking import ConnectionTracker
-
-        tracker = ConnectionTracker(threading.current_thread())
         self.network = Network(self.network_timeout, per_cell=self._resets_sigint())
-        tracker.on_created.append(self.network.tune)
-        tracker.start()
-        for tracked in tracker:  # connections opened before the extension was loaded
-            self.network.tune(tracked.wrapper)
-        self.checkup = Checkup(
-            tracker, leave_manual_transactions=self.aborted_manual_transactions == "leave"
-        )
-        self._healthy, self._check_all = self.checkup.healthy, self.checkup.check_all
+        self.checkup.start(on_created=self.network.tune)
+        self._running = True
         self._switches_changed()
-        from ipy_dbreset.idle import IdleKeeper
-
-        self._idle = IdleKeeper(tracker, self.checkup.last)
         self._idle_changed()
-        if setup.source != "already set up":
+        if setup.source is not Source.ALREADY_SET_UP:
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
             log.info("ipy_dbreset: %s", setup.describe())
-            if self.verbosity >= 1:
-                self._say(Notice(setup.describe(), "info"))
-        elif self.verbosity >= 2:
-            self._say(Notice(f"using Django as it was set up ({setup.settings_module})", "info"))
+            self._say(Notice(setup.describe(), "info"))
+        else:
+            self._say(Notice(f"using Django as it was set up ({setup.settings_module})", "info"), 2)
         self._apply_async_unsafe()
         self._apply_interruptible()
 
     def stop(self) -> None:
         """Stop watching connections and undo what :meth:`start` changed, saying what."""
-        if self._idle is not None:
-            self._idle.stop()
-            self._idle = None
         if self.network is not None:
             self.network.guard.disarm()
             self.network = None
-        if self.checkup is not None:
-            self.checkup.tracker.stop()
-            self.checkup = None
-            self._healthy, self._check_all = _nothing_to_check, _not_running
+        if self._running:
+            self.checkup.stop()
+            self._running = False
             self._switches_changed()
         self._forget_cell_state()
         undone = []
         if self._set_async_unsafe:
-            from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
-
-            os.environ.pop(ASYNC_UNSAFE_VARIABLE, None)
+            allow_async_unsafe(False)
             self._set_async_unsafe = False
             undone.append(
                 f"{ASYNC_UNSAFE_VARIABLE} removed, so ORM calls in cells raise "
                 "SynchronousOnlyOperation again"
             )
-        if self._set_wait_callback and self._psycopg2_interruptible(False):
+        if self._psycopg2_interruptible(False):
             undone.append("psycopg2's wait callback removed: the stop button waits for queries")
         if undone:
             # The process is not as it was while loaded: the next ORM call may fail.
             log.info("ipy_dbreset: unloaded; %s", "; ".join(undone))
-            if self.verbosity >= 1:
-                self._say(Notice(f"unloaded; {'; '.join(undone)}", "info"))
+            self._say(Notice(f"unloaded; {'; '.join(undone)}", "info"))
 
     def _psycopg2_interruptible(self, on: bool) -> bool:
-        if not on and not self._set_wait_callback:
-            # Nothing of ours to undo: importing psycopg2 (and psycopg2.extras) to
-            # find that out would cost most of the start-up of a psycopg 3 or
-            # SQLite project, and a callback set by someone else stays as it is.
+        """Set or remove psycopg2's wait callback (only ours); whether anything changed."""
+        if on == self._set_wait_callback:
+            # Nothing to do: importing psycopg2 to find that out would cost most of
+            # the start-up of a psycopg 3 or SQLite project.
             return False
         try:
             from ipy_dbreset.drivers.psycopg2 import make_interruptible
@@ -396,16 +379,11 @@ class DBReset(Magics):
             self._set_wait_callback = on
         return changed
 
-    def _apply_interruptible(self) -> None:
-        if self.checkup is None:
-            return
-        if self._psycopg2_interruptible(self.interruptible_psycopg2) and self.verbosity >= 1:
+    @observe("interruptible_psycopg2")
+    def _apply_interruptible(self, change: Bunch | None = None) -> None:
+        if self._running and self._psycopg2_interruptible(self.interruptible_psycopg2):
             state = "can" if self.interruptible_psycopg2 else "cannot"
             self._say(Notice(f"the stop button {state} cancel psycopg2 queries now", "info"))
-
-    @observe("interruptible_psycopg2")
-    def _interruptible_changed(self, change: Bunch) -> None:
-        self._apply_interruptible()
 
     def _resets_sigint(self) -> bool:
         """Whether the shell puts its own SIGINT handler back around every cell.
@@ -419,21 +397,15 @@ class DBReset(Magics):
         return self._in_kernel()
 
     def _in_kernel(self) -> bool:
-        from ipy_dbreset.project import in_event_loop
-
         return getattr(self.shell, "kernel", None) is not None or in_event_loop()
 
-    def _apply_async_unsafe(self) -> None:
-        from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
-
-        if self.checkup is None:
+    @observe("allow_async_unsafe")
+    def _apply_async_unsafe(self, change: Bunch | None = None) -> None:
+        if not self._running:
             return
         if self.allow_async_unsafe:
-            if os.environ.get(ASYNC_UNSAFE_VARIABLE) or not self._in_kernel():
-                return
-            os.environ[ASYNC_UNSAFE_VARIABLE] = "true"
-            self._set_async_unsafe = True
-            if self.verbosity >= 1:
+            if self._in_kernel() and allow_async_unsafe(True):
+                self._set_async_unsafe = True
                 self._say(
                     Notice(
                         "ORM calls allowed in this kernel's event loop "
@@ -443,25 +415,20 @@ class DBReset(Magics):
                     )
                 )
         elif self._set_async_unsafe:
-            os.environ.pop(ASYNC_UNSAFE_VARIABLE, None)
+            allow_async_unsafe(False)
             self._set_async_unsafe = False
-            if self.verbosity >= 1:
-                self._say(Notice(f"{ASYNC_UNSAFE_VARIABLE} removed", "info"))
-
-    @observe("allow_async_unsafe")
-    def _allow_async_unsafe_changed(self, change: Bunch) -> None:
-        self._apply_async_unsafe()
+            self._say(Notice(f"{ASYNC_UNSAFE_VARIABLE} removed", "info"))
 
     @observe("idle_release", "long_transaction")
     def _idle_changed(self, change: Bunch | None = None) -> None:
-        if self._idle is not None:
-            self._idle.configure(
+        if self._running:
+            self.checkup.configure_idle(
                 release_after=self.idle_release, long_transaction=self.long_transaction
             )
 
     @observe("network_timeout")
     def _network_timeout_changed(self, change: Bunch) -> None:
-        if self.network is None or self.checkup is None:
+        if self.network is None:
             return
         self.network.timeout = change["new"]
         for tracked in self.checkup.tracked():
@@ -469,14 +436,17 @@ class DBReset(Magics):
 
     @observe("aborted_manual_transactions")
     def _policy_changed(self, change: Bunch) -> None:
-        if self.checkup is not None:
-            self.checkup.leave_manual_transactions = change["new"] == "leave"
+        self.checkup.leave_manual_transactions = change["new"] == "leave"
+
+    @observe("auto_repair", "check_before_cell")
+    def _switches_changed(self, change: Bunch | None = None) -> None:
+        self._check_after = self._running and self.auto_repair
+        self._check_before = self._check_after and self.check_before_cell
 
     # -- callbacks -----------------------------------------------------------
 
-    # Both callbacks run around every cell: they read plain attributes (trait
-    # reads cost more than judging a healthy connection) and do nothing else
-    # unless the checkup found something.
+    # Both run around every cell: they read plain attributes and do nothing
+    # else unless the checkup's fast path found something.
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
@@ -484,14 +454,14 @@ class DBReset(Magics):
             self._show_held()
         if self.network is not None:
             self.network.guard.arm()
-        if self._idle is not None:
-            said = self._idle.before_cell()
+        if self._running:
+            said = self._before_cell()
             if said:
-                self._say_idle(said)
+                self._say_all(said)
         if self._check_before:
             try:
-                if not self._healthy(True, False):
-                    self._check(False, before_cell=True)
+                if not self._healthy(listen=True, failed=False):
+                    self._check(suspect=False, before_cell=True)
             except KeyboardInterrupt:  # the user stopped the cell as it began
                 self._pass_on_interrupt(before_cell=True)
 
@@ -501,36 +471,42 @@ class DBReset(Magics):
             self.network.guard.cell_over()
         if self._displayhook is not None or self._stop_cell is not None:
             self._forget_cell_state()
-        if self._idle is not None:
+        if self._running:
             # Before the checkup, which takes the marks of the connections the cell used.
-            said = self._idle.after_cell()
+            said = self._after_cell()
             if said:
-                self._say_idle(said)
+                self._say_all(said)
         if self._check_after:
             error = None if result is None else result.error_in_exec
             # A cell that raised nothing can only have left a trace in the
             # driver's and Django's state; the sockets are for the next check.
             # One that raised may have marked a block for rollback without a query.
-            failed = listen = error is not None
+            failed = error is not None
             suspect = isinstance(error, KeyboardInterrupt) or _cancelled(error)
             try:
-                if suspect or not self._healthy(listen, failed):
-                    self._check(suspect, before_cell=False)
+                if suspect or not self._healthy(listen=failed, failed=failed):
+                    self._check(suspect=suspect, before_cell=False)
             except KeyboardInterrupt:  # the cell is over: nothing left to interrupt
                 log.info("ipy_dbreset: interrupt after the cell ignored")
 
-    def _check(self, suspect: bool, *, before_cell: bool) -> None:
+    def _check(self, *, suspect: bool, before_cell: bool) -> None:
         """Check in full; a repair and its notice are done whole, whatever the user presses."""
         with _interrupts_held() as interrupts:
             try:
-                repairs = self._check_all(suspect)
-            except RepairFailed as exc:
-                self._failed(exc)
+                outcome = self._check_all(suspect=suspect)
             except KeyboardInterrupt:  # pressed twice: the repair may be half done
-                self._say(Notice("interrupted before the repair was done; run %dbreset", "error"))
+                self._say(
+                    Notice("interrupted before the repair was done; run %dbreset", "error"), 0
+                )
             else:
-                if repairs is not None:
-                    self._report(repairs)
+                if outcome.failures:
+                    failures = "; ".join(f.describe() for f in outcome.failures)
+                    log.warning("ipy_dbreset: repair failed: %s", failures)
+                    self._say(failure_notice(outcome), 0)
+                elif outcome.repairs:
+                    self._say(repair_notice(outcome.repairs))
+                if outcome.skipped:
+                    self._say(skipped_notice(outcome), 2)
         if interrupts:
             self._pass_on_interrupt(before_cell=before_cell)
 
@@ -562,53 +538,31 @@ class DBReset(Magics):
                 self.shell.ast_transformers.remove(self._stop_cell)
             self._stop_cell = None
 
-    @observe("auto_repair", "check_before_cell")
-    def _switches_changed(self, change: Bunch | None = None) -> None:
-        running = self.checkup is not None
-        self._check_after = running and self.auto_repair
-        self._check_before = running and self.auto_repair and self.check_before_cell
-
-    def _failed(self, exc: RepairFailed) -> None:
-        """Say, in one line, what was repaired and which repairs failed."""
-        log.warning("ipy_dbreset: repair failed: %s", exc)
-        parts = [r.describe() for r in exc.done]
-        parts += [f"could not repair {f.describe()}; run %dbreset" for f in exc.failures]
-        self._say(Notice("\n".join(parts), "error"))
-        self._report([])
-
-    def _report(self, repairs: list[Repair]) -> None:
-        if repairs and self.verbosity >= 1:
-            self._say(repair_notice(repairs))
-        if self.verbosity >= 2 and self.checkup is not None and self.checkup.skipped:
-            busy = threads(self.checkup.skipped)
-            self._say(Notice(f"not checked, in use by their thread: {busy}", "info"))
-
-    def _say_idle(self, said: Sequence[Said]) -> None:
+    def _say_all(self, said: Sequence[Said]) -> None:
         for level, text in said:
-            if self.verbosity >= level:
-                self._say(Notice(text, "info"))
+            self._say(Notice(text, "info"), level)
 
-    def _say(self, notice: Notice) -> None:
-        if getattr(self.shell, "kernel", None) is not None and _starting_up(_START_UP_STEPS):
+    def _say(self, notice: Notice, level: int = 1) -> None:
+        """Show ``notice`` if ``verbosity`` is at least ``level`` (0: always)."""
+        if self.verbosity < level:
+            return
+        if getattr(self.shell, "kernel", None) is not None and not _ran_a_cell(self.shell):
             # Sent now, it would belong to no cell and no notebook would show it.
             # A terminal shows it as it is printed.
             self._held.append(notice)
-            return
-        display(notice)
+        else:
+            display(notice)
 
     def _show_held(self) -> None:
-        if _starting_up(_START_UP_STEPS):
-            return  # exec_lines run as cells while the kernel starts: not the user's
-        held, self._held = self._held, []
-        for notice in held:
-            display(notice)
+        if _ran_a_cell(self.shell):  # exec_lines at start-up run as cells: not yet
+            held, self._held = self._held, []
+            for notice in held:
+                display(notice)
 
     # -- magics --------------------------------------------------------------
 
     def _aliases(self, names: list[str]) -> list[str]:
-        from django.db import connections
-
-        known = list(connections)
+        known = self.checkup.aliases()
         unknown = [n for n in names if n not in known]
         if unknown:
             raise UsageError(
@@ -646,31 +600,10 @@ class DBReset(Magics):
         """
         args = _parse(self.dbreset, "dbreset", line)
         aliases = self._aliases(args.aliases) if args.aliases else None
-        if self.checkup is None:
-            raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
-        failed: list[Failure] = []
-        try:
-            repairs = self.checkup.reset(aliases)
-        except RepairFailed as exc:
-            repairs, failed = exc.done, exc.failures
-        left = list(self.checkup.skipped)
-        parts = [r.describe() for r in repairs]
-        parts += [f"could not reset {f.describe()}" for f in failed]
-        if left:
-            parts.append(f"left, in use by their thread: {threads(left)}")
-        if failed:
-            notice = Notice("\n".join(parts), "error")
-        elif repairs:
-            notice = Notice("\n".join(parts))
-        elif left:
-            notice = Notice("\n".join(parts), "info")
-        else:
-            which = ", ".join(aliases) if aliases else "any alias"
-            notice = Notice(f"nothing to reset: no open connection for {which}", "info")
-        result = ResetResult(repairs, notice, left=left, failed=failed)
-        # A failure is said even with -q: the connection is still broken.
-        if not args.quiet or failed:
-            self._say(notice)
+        outcome = self.checkup.reset(aliases)
+        result = ResetResult(outcome, reset_notice(outcome, aliases))
+        if not args.quiet or outcome.failures:  # the connection is still broken: say so
+            self._say(result.notice, 0)
         self._not_as_output(result)
         return result
 
@@ -733,27 +666,13 @@ class DBReset(Magics):
             %dbstatus default
             %dbstatus --history      # what was repaired this session, and lost
         """
-        from ipy_dbreset.checkup import Status
-        from ipy_dbreset.health import snapshot
-        from ipy_dbreset.network import Network
-
         args = _parse(self.dbstatus, "dbstatus", line)
-        wanted = set(self._aliases(args.aliases)) if args.aliases else None
-        if self.checkup is None:
-            raise UsageError("ipy_dbreset is not loaded: run %load_ext ipy_dbreset")
+        aliases = self._aliases(args.aliases) if args.aliases else None
         if args.history:
+            wanted = None if aliases is None else set(aliases)
             done = self.checkup.history()
             return history_table([r for r in done if wanted is None or r.alias in wanted])
-        found = []
-        for tracked in self.checkup.tracked():
-            wrapper = tracked.wrapper
-            if wanted is not None and wrapper.alias not in wanted:
-                continue
-            snap = snapshot(wrapper)
-            kept = None if self._idle is None or not snap.connected else self._idle.kept(wrapper)
-            last = self.checkup.last.get(wrapper)
-            found.append(Status(tracked.thread_name, snap, last, Network.state(wrapper), kept))
-        return status_table(found)
+        return status_table(self.checkup.status(aliases))
 
 
 def _cancelled(error: BaseException | None) -> bool:
@@ -776,8 +695,6 @@ def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
         message = str(exc)
     except ValueError as exc:  # the line does not split, e.g. "No closing quotation"
         message = str(exc)
-    except SystemExit:  # argparse giving up without a message
-        message = f"cannot parse {line!r}"
     raise UsageError(f"%{name}: {message}; see %{name}?")
 
 
@@ -788,21 +705,24 @@ def _loaded(ipython: InteractiveShell) -> DBReset | None:
     return None
 
 
-# The steps of InteractiveShellApp that load extensions and run code at start-up.
-_START_UP_STEPS = ("init_extensions", "init_code")
+def _ran_a_cell(shell: InteractiveShell | None) -> bool:
+    """Whether the shell has started a cell of the user's (exec_lines at start-up are not)."""
+    # Counted as a cell starts (before pre_run_cell), for cells kept in the history.
+    return shell is not None and shell.execution_count > 1
 
 
-def _starting_up(steps: tuple[str, ...] = ("init_extensions",)) -> bool:
-    """Whether the shell is in one of ``steps`` of its start-up.
+def _start_up_app(shell: InteractiveShell) -> InteractiveShellApp | None:
+    """The application loading ``shell``'s start-up extensions, if that is what this is.
 
-    By default: loading its configured extensions (``--ext``, config files).
+    Terminal IPython and ipykernel make the shell with their application as
+    (grand)parent; they load configured extensions before any cell runs.
     """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name in steps and "self" in frame.f_locals:
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
+    if _ran_a_cell(shell) or shell.displayhook.exec_result is not None:
+        return None  # in a cell: %load_ext, or exec_lines
+    parent = shell.parent
+    while parent is not None and not isinstance(parent, InteractiveShellApp):
+        parent = parent.parent
+    return parent
 
 
 def load(ipython: InteractiveShell) -> None:
@@ -812,31 +732,40 @@ def load(ipython: InteractiveShell) -> None:
     try:
         magics = DBReset(shell=ipython)
     except BadOption as exc:
-        if _starting_up():
-            # Nothing is registered, but IPython counts the extension as loaded.
-            print(
-                f"ipy_dbreset: {exc}; fix it with %config, then %reload_ext ipy_dbreset",
-                file=sys.stderr,
-            )
-            return
-        raise UsageError(
+        _refuse(
+            ipython,
             f"ipy_dbreset: {exc}; fix it in ipython_config.py or with %config, "
-            "then %load_ext ipy_dbreset"
-        ) from None
+            "then %load_ext ipy_dbreset",
+            at_start_up=f"ipy_dbreset: {exc}; fix it with %config, then %reload_ext ipy_dbreset",
+        )
+        return
     try:
         magics.start()
     except BaseException as exc:
         ipython.configurables.remove(magics)  # type: ignore[arg-type]
-        if isinstance(exc, UsageError) and _starting_up():
-            # IPython logs a failing start-up extension with its traceback; the
-            # message is the whole story.  Nothing is registered; IPython counts
-            # the extension as loaded, hence the way back in.
-            print(f"{exc}\nOnce that is fixed: %reload_ext ipy_dbreset", file=sys.stderr)
-            return
-        raise
+        if not isinstance(exc, UsageError):
+            raise
+        _refuse(
+            ipython, str(exc), at_start_up=f"{exc}\nOnce that is fixed: %reload_ext ipy_dbreset"
+        )
+        return
     ipython.register_magics(magics)
     for event in _EVENTS:
         ipython.events.register(event, getattr(magics, event))
+
+
+def _refuse(shell: InteractiveShell, message: str, *, at_start_up: str) -> None:
+    """Raise a UsageError, or print ``at_start_up`` while IPython loads start-up extensions.
+
+    There IPython would log the error with its traceback, unless told to
+    reraise it (``InteractiveShellApp.reraise_ipython_extension_failures``):
+    one message says it all.  Nothing is registered, but IPython counts the
+    extension as loaded, hence the way back in with ``%reload_ext``.
+    """
+    app = _start_up_app(shell)
+    if app is None or app.reraise_ipython_extension_failures:
+        raise UsageError(message) from None
+    print(at_start_up, file=sys.stderr)
 
 
 def unload(ipython: InteractiveShell) -> None:

@@ -31,7 +31,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ipy_dbreset.drivers import driver_for
-from ipy_dbreset.health import Problem, open_work
+from ipy_dbreset.health import open_work
 from ipy_dbreset.ledger import lost, tally_of
 from ipy_dbreset.repair import Repair, _drop
 
@@ -159,7 +159,6 @@ def _look(
             "reconnected",
             "the server had closed the connection",
             lost="no transaction was open, nothing was lost",
-            problem=Problem.LOST,
             thread=thread,
         )
         log.info("ipy_dbreset: %s", repair.describe())
@@ -171,7 +170,6 @@ def _look(
             "let a query fail on",
             "the server had closed the connection inside a transaction",
             lost=lost(work, tally_of(wrapper)),
-            problem=Problem.LOST,
             thread=thread,
         )
         log.warning("ipy_dbreset: %s", repair.describe())

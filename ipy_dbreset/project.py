@@ -19,15 +19,19 @@ notebook in ``myproject/notebooks/`` can import the project's apps.
 from __future__ import annotations
 
 import ast
+import logging
 import operator
 import os
 import sys
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 SETTINGS_VARIABLE = "DJANGO_SETTINGS_MODULE"
 CONFIGURATION_VARIABLE = "DJANGO_CONFIGURATION"
@@ -66,13 +70,29 @@ class ManagePy:
         return self.values.get(name)
 
 
+class Source(Enum):
+    """Where the settings of a :class:`Setup` came from (the value names it in messages)."""
+
+    ALREADY_SET_UP = "already set up"
+    """Django was set up before the extension was loaded: nothing was done."""
+    CONFIGURED = "configured"
+    """Settings were configured (``settings.configure()``, or read) but Django not set up."""
+    OPTION = "option"
+    """``c.DBReset.settings_module``."""
+    ENVIRONMENT = SETTINGS_VARIABLE
+    """The ``DJANGO_SETTINGS_MODULE`` environment variable."""
+    MANAGE_PY = "manage.py"
+    """What the nearest ``manage.py`` sets for ``manage.py shell`` (:attr:`Setup.manage_py`)."""
+
+
 @dataclass(frozen=True)
 class Setup:
     """How Django came to be set up."""
 
     settings_module: str
-    source: str
-    """``"already set up"``, ``"option"``, ``"environment"`` or the manage.py path."""
+    source: Source
+    manage_py: Path | None = None
+    """The ``manage.py`` read for the settings (only with :attr:`Source.MANAGE_PY`)."""
     added_to_path: str | None = None
     environment: tuple[str, ...] = ()
     """The environment variables this setup wrote."""
@@ -80,16 +100,13 @@ class Setup:
     def describe(self) -> str:
         """What was done, as a statement: ``Django set up with mysite.settings (found in
         /src/mysite/manage.py); DJANGO_SETTINGS_MODULE was set to it``."""
-        source = self.source
-        if source.startswith("from "):  # "from /path/manage.py"
-            source = f"found in {source.removeprefix('from ')}"
-        elif source == SETTINGS_VARIABLE:
-            source = f"from {SETTINGS_VARIABLE}"
-        elif source == "option":
-            source = "from c.DBReset.settings_module"
-        elif source == "configured":
-            source = "its settings were already configured"
-        text = f"Django set up with {self.settings_module} ({source})"
+        origin = {
+            Source.MANAGE_PY: f"found in {self.manage_py}",
+            Source.ENVIRONMENT: f"from {SETTINGS_VARIABLE}",
+            Source.OPTION: "from c.DBReset.settings_module",
+            Source.CONFIGURED: "its settings were already configured",
+        }.get(self.source, self.source.value)
+        text = f"Django set up with {self.settings_module} ({origin})"
         for name in self.environment:
             if name == SETTINGS_VARIABLE:
                 text += f"; {name} was set to it"
@@ -413,7 +430,7 @@ def setup_django(settings_module: str | None = None) -> Setup:
     env = os.environ
     if _apps_ready():
         return Setup(
-            str(getattr(settings, "SETTINGS_MODULE", None) or "settings"), "already set up"
+            str(getattr(settings, "SETTINGS_MODULE", None) or "settings"), Source.ALREADY_SET_UP
         )
     if settings.configured:
         # settings.configure() was called, or settings were read, but no setup():
@@ -421,6 +438,7 @@ def setup_django(settings_module: str | None = None) -> Setup:
         return _finish_configured()
 
     module, source, manage_path, configuration = _choose(settings_module)
+    read = manage_path if source is Source.MANAGE_PY else None
     path_entry = None
     if manage_path is not None:
         project = str(manage_path.parent)
@@ -453,11 +471,18 @@ def setup_django(settings_module: str | None = None) -> Setup:
             sys.path.remove(path_entry)
         if isinstance(exc, ProjectError):
             raise
-        raise ProjectError(_failed_message(module, source, exc)) from None
-    return Setup(module, source, path_entry, tuple(written))
+        # The message keeps the error's first line; the rest is for the log.
+        log.debug("ipy_dbreset: Django's setup with %s failed", module, exc_info=True)
+        raise ProjectError(_failed_message(module, _origin(source, read), exc)) from None
+    return Setup(module, source, read, path_entry, tuple(written))
 
 
-def _choose(settings_module: str | None) -> tuple[str, str, Path | None, str | None]:
+def _origin(source: Source, manage_py: Path | None) -> str:
+    """Where the settings came from, in an error message: ``from /src/mysite/manage.py``."""
+    return f"from {manage_py}" if source is Source.MANAGE_PY else source.value
+
+
+def _choose(settings_module: str | None) -> tuple[str, Source, Path | None, str | None]:
     """The settings module, where it came from, manage.py's path and its configuration."""
     env = os.environ
     start = Path.cwd()
@@ -469,8 +494,8 @@ def _choose(settings_module: str | None) -> tuple[str, str, Path | None, str | N
         except ProjectError:  # the settings may well be importable as things are
             manage_path = None
         if settings_module:
-            return settings_module, "option", manage_path, None
-        return env[SETTINGS_VARIABLE], SETTINGS_VARIABLE, manage_path, None
+            return settings_module, Source.OPTION, manage_path, None
+        return env[SETTINGS_VARIABLE], Source.ENVIRONMENT, manage_path, None
     manage_path = find_manage_py(start)
     manage = None if manage_path is None else read_manage_py(manage_path)
     module = None if manage is None else manage.default(SETTINGS_VARIABLE)
@@ -479,7 +504,7 @@ def _choose(settings_module: str | None) -> tuple[str, str, Path | None, str | N
     configuration = None
     if not env.get(CONFIGURATION_VARIABLE):
         configuration = manage.default(CONFIGURATION_VARIABLE)
-    return module, f"from {manage.path}", manage_path, configuration
+    return module, Source.MANAGE_PY, manage_path, configuration
 
 
 def _finish_configured() -> Setup:
@@ -496,8 +521,9 @@ def _finish_configured() -> Setup:
     try:
         django.setup()
     except Exception as exc:
-        raise ProjectError(_failed_message(module, "configured", exc)) from None
-    return Setup(module, "configured")
+        log.debug("ipy_dbreset: Django's setup with %s failed", module, exc_info=True)
+        raise ProjectError(_failed_message(module, Source.CONFIGURED.value, exc)) from None
+    return Setup(module, Source.CONFIGURED)
 
 
 def _setup_configurations() -> None:
@@ -543,12 +569,18 @@ def _failed_message(module: str, source: str, exc: BaseException) -> str:
     return text
 
 
-def in_event_loop() -> bool:
-    """Whether code here runs inside an event loop, as cells do in a Jupyter kernel."""
-    import asyncio
+def allow_async_unsafe(on: bool) -> bool:
+    """Set ``DJANGO_ALLOW_ASYNC_UNSAFE=true`` (``on``) or remove it again.
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    In a Jupyter kernel cells run inside an event loop, where Django refuses
+    ORM calls unless this variable is set.  Returns whether this call changed
+    the environment; a value already set is left as it is.  The caller
+    removes only what it set, and says so: the process environment is the
+    user's.
+    """
+    if on:
+        if os.environ.get(ASYNC_UNSAFE_VARIABLE):
+            return False
+        os.environ[ASYNC_UNSAFE_VARIABLE] = "true"
+        return True
+    return os.environ.pop(ASYNC_UNSAFE_VARIABLE, None) is not None

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from django.db import Error
 
@@ -34,16 +32,13 @@ from ipy_dbreset.display import repair_line, where
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge, open_work
 from ipy_dbreset.ledger import kept, ledger_of, lost, tally_of
-from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE, in_event_loop
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,7 +52,6 @@ class Repair:
     """Why (empty: asked for): ``a failed statement aborted the transaction``."""
     lost: str | None = None
     """What was lost or kept: ``lost an atomic block with 2 unsaved writes (...)``."""
-    problem: Problem | None = None
     thread: str | None = None
     hint: str | None = None
     """What the user needs to know next: ``the next query reconnects``."""
@@ -74,44 +68,6 @@ class Repair:
         return repair_line(self)
 
 
-@contextlib.contextmanager
-def borrowed(wrapper: BaseDatabaseWrapper) -> Iterator[None]:
-    """Allow this thread to use ``wrapper`` for the duration of a repair."""
-    wrapper.inc_thread_sharing()
-    try:
-        yield
-    finally:
-        wrapper.dec_thread_sharing()
-
-
-def outside_event_loop(func: Callable[[], T]) -> T:
-    """Run ``func`` where Django's async-safety check lets it run.
-
-    In a Jupyter kernel the cell runs inside an event loop, and Django refuses
-    synchronous database calls there unless ``DJANGO_ALLOW_ASYNC_UNSAFE`` is
-    set.  Repairs must work even when the user opted out of that, so they run
-    in a short-lived thread while this one waits (it is not using the
-    connection meanwhile).
-    """
-    if not in_event_loop() or os.environ.get(ASYNC_UNSAFE_VARIABLE):
-        return func()
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome.append(func())
-        except BaseException as exc:  # re-raised in the calling thread
-            failure.append(exc)
-
-    worker = threading.Thread(target=run, name="ipy_dbreset-repair", daemon=True)
-    worker.start()
-    worker.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
-
-
 def _transaction(wrapper: BaseDatabaseWrapper) -> Transaction:
     if wrapper.connection is None:
         return Transaction.UNKNOWN
@@ -121,9 +77,11 @@ def _transaction(wrapper: BaseDatabaseWrapper) -> Transaction:
 def _leave_innermost_atomic_block(wrapper: BaseDatabaseWrapper) -> None:
     """Leave the innermost atomic block as if an exception had propagated out of it.
 
-    This mirrors ``django.db.transaction.Atomic.__exit__`` on its error path,
-    but works on a given wrapper (``Atomic`` looks the connection up in the
-    current thread, which is not always the owner here).
+    This mirrors ``django.db.transaction.Atomic.__exit__`` on its error path
+    (``exc_type`` set) as Django 4.2 to 5.2 write it, compared line by line
+    with 5.2: an upgrade of Django should compare it again.  It works on a
+    given wrapper (``Atomic`` looks the connection up in the current thread,
+    which is not always the owner here).
     """
     if wrapper.in_atomic_block:
         wrapper.atomic_blocks.pop()
@@ -194,8 +152,12 @@ def _drop(wrapper: BaseDatabaseWrapper) -> None:
     raw = wrapper.connection
     if raw is not None:
         # Close the driver connection first so that a pool (Django 5.1+) sees
-        # it closed and discards it instead of handing it out again.
-        with contextlib.suppress(Exception):
+        # it closed and discards it instead of handing it out again.  Closing a
+        # dead connection may fail in the driver or on the socket: it is
+        # being discarded either way (as Django's db/utils.py narrows
+        # through the backend's own Database.Error).
+        driver_error: type[Exception] = wrapper.Database.Error  # type: ignore[attr-defined]
+        with contextlib.suppress(driver_error, OSError):
             raw.close()
     with _quiet_pool(), contextlib.suppress(Error):
         wrapper.close()
@@ -216,13 +178,11 @@ def repair(
     thread: str | None = None,
     leave_manual_transactions: bool = False,
 ) -> Repair:
-    """Repair ``wrapper`` according to ``verdict`` and say what was done."""
+    """Repair ``wrapper`` according to ``verdict`` and say what was done.
 
-    def act() -> Repair:
-        with borrowed(wrapper):
-            return _repair(wrapper, verdict, thread, leave_manual_transactions)
-
-    done = outside_event_loop(act)
+    Run it where touching ``wrapper`` is allowed (:func:`ipy_dbreset.tracking.touching`).
+    """
+    done = _repair(wrapper, verdict, thread, leave_manual_transactions)
     log.info("ipy_dbreset: %s", done.describe())
     return done
 
@@ -240,7 +200,6 @@ def _repair(
             alias,
             "dropped an interrupted query's unread result on",
             "the query had run to its end on the server",
-            problem=verdict.problem,
             thread=thread,
             hint="the transaction is kept",
         )
@@ -262,7 +221,6 @@ def _repair(
             "closed",
             reason,
             lost=lost(work, tally) if work else None,
-            problem=verdict.problem,
             thread=thread,
             hint=_next_query(manual, lost=None if work else "nothing was lost"),
             keep_manual=manual,
@@ -273,7 +231,6 @@ def _repair(
                 alias,
                 "did not roll back",
                 reason,
-                problem=verdict.problem,
                 thread=thread,
                 hint="run transaction.rollback() (or %dbreset) to continue",
             )
@@ -284,7 +241,6 @@ def _repair(
             "rolled back",
             reason,
             lost=lost(None, tally),
-            problem=verdict.problem,
             thread=thread,
             # The user turned autocommit off (Django's flag, outside atomic blocks).
             hint=None
@@ -309,7 +265,6 @@ def _repair(
                 "rolled back",
                 reason,
                 lost=lost(_blocks(left), gone),
-                problem=verdict.problem,
                 thread=thread,
             )
         outer = len(wrapper.atomic_blocks)
@@ -318,7 +273,6 @@ def _repair(
             f"rolled back {_blocks(left, inner=True)} on",
             reason,
             lost=f"{lost(None, gone)}; {kept(_blocks(outer, outer=True, noun='block'), after)}",
-            problem=verdict.problem,
             thread=thread,
         )
     # Problem.MARKED: the database still holds a usable transaction.
@@ -328,7 +282,6 @@ def _repair(
         "cleared Django's rollback mark on",
         reason,
         lost=kept(_blocks(len(wrapper.atomic_blocks), noun="block"), tally_of(wrapper)),
-        problem=verdict.problem,
         thread=thread,
         hint="%dbreset discards them",
     )
@@ -354,43 +307,39 @@ def _blocks(n: int, *, inner: bool = False, outer: bool = False, noun: str = "at
 def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair | None:
     """Roll back whatever ``wrapper`` holds and close it, on the user's request.
 
-    Returns ``None`` when there was nothing to reset (not connected).
+    Returns ``None`` when there was nothing to reset (not connected).  Run it
+    where touching ``wrapper`` is allowed (:func:`ipy_dbreset.tracking.touching`).
     """
     if wrapper.connection is None and not wrapper.in_atomic_block:
         return None
-
-    def act() -> Repair:
-        with borrowed(wrapper):
-            work = open_work(wrapper)
-            tally = tally_of(wrapper)
-            # The user's mode, from Django's own flags: autocommit off outside
-            # atomic blocks, or an outermost block entered with it off (Atomic
-            # then leaves commit_on_exit False and autocommit alone).
-            manual = wrapper.connection is not None and not wrapper.autocommit
-            manual = manual and (not wrapper.in_atomic_block or not wrapper.commit_on_exit)
-            if wrapper.connection is None or judge(wrapper) is not None:
-                # Nothing in it can be committed any more; do not try.
-                _drop(wrapper)
-            else:
-                if not wrapper.in_atomic_block and _transaction(wrapper) is Transaction.IDLE:
-                    work = None
-                while wrapper.in_atomic_block:
-                    wrapper.needs_rollback = True
-                    _leave_innermost_atomic_block(wrapper)
-                if not wrapper.get_autocommit():
-                    wrapper.rollback()
-                # A healthy connection goes back to its pool, if it has one.
-                wrapper.close()
-            return Repair(
-                wrapper.alias,
-                "reset",
-                "",
-                lost=lost(work, tally, verb="rolled back") if work else None,
-                thread=thread,
-                hint=_next_query(manual, lost=None if work else "nothing was open"),
-                keep_manual=manual,
-            )
-
-    done = outside_event_loop(act)
+    work = open_work(wrapper)
+    tally = tally_of(wrapper)
+    # The user's mode, from Django's own flags: autocommit off outside atomic
+    # blocks, or an outermost block entered with it off (Atomic then leaves
+    # commit_on_exit False and autocommit alone).
+    manual = wrapper.connection is not None and not wrapper.autocommit
+    manual = manual and (not wrapper.in_atomic_block or not wrapper.commit_on_exit)
+    if wrapper.connection is None or judge(wrapper) is not None:
+        # Nothing in it can be committed any more; do not try.
+        _drop(wrapper)
+    else:
+        if not wrapper.in_atomic_block and _transaction(wrapper) is Transaction.IDLE:
+            work = None
+        while wrapper.in_atomic_block:
+            wrapper.needs_rollback = True
+            _leave_innermost_atomic_block(wrapper)
+        if not wrapper.get_autocommit():
+            wrapper.rollback()
+        # A healthy connection goes back to its pool, if it has one.
+        wrapper.close()
+    done = Repair(
+        wrapper.alias,
+        "reset",
+        "",
+        lost=lost(work, tally, verb="rolled back") if work else None,
+        thread=thread,
+        hint=_next_query(manual, lost=None if work else "nothing was open"),
+        keep_manual=manual,
+    )
     log.info("ipy_dbreset: %s", done.describe())
     return done

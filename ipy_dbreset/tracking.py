@@ -24,16 +24,24 @@ async ORM's thread (asgiref's single-thread executor) does between cells.  A
 thread that is running code between two queries of its transaction would
 carry on with its atomic blocks unwound under it, its next writes
 autocommitted; only it may end that transaction.
+
+Django itself must also let this thread touch it (:func:`touching`): the
+wrapper is borrowed from its thread, and inside an event loop (a kernel's
+cell) the work runs in a short-lived thread, where Django's async-safety
+check does not refuse it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import sys
 import threading
 import weakref
 from concurrent.futures import thread as futures_thread
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.db import connections
 from django.db.backends.signals import connection_created
@@ -41,11 +49,14 @@ from django.utils.connection import ConnectionDoesNotExist
 
 from ipy_dbreset.ledger import Ledger
 from ipy_dbreset.preflight import Preflight
+from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from django.db.backends.base.base import BaseDatabaseWrapper
+
+T = TypeVar("T")
 
 
 # The loop a ``ThreadPoolExecutor`` worker waits for jobs in (Python 3.10 to
@@ -59,6 +70,68 @@ def _waiting_for_work(thread: threading.Thread) -> bool:
     """Whether ``thread`` is a pool worker waiting for a job, running none of its own code."""
     frame = sys._current_frames().get(thread.ident or -1)
     return frame is not None and frame.f_code is _POOL_WORKER_LOOP
+
+
+def in_event_loop() -> bool:
+    """Whether code here runs inside an event loop, as cells do in a Jupyter kernel."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def borrowed(wrapper: BaseDatabaseWrapper) -> Iterator[None]:
+    """Allow this thread to use ``wrapper`` (of any thread) while the block runs."""
+    wrapper.inc_thread_sharing()
+    try:
+        yield
+    finally:
+        wrapper.dec_thread_sharing()
+
+
+def outside_event_loop(func: Callable[[], T]) -> T:
+    """Run ``func`` where Django's async-safety check lets it run.
+
+    In a Jupyter kernel the cell runs inside an event loop, and Django refuses
+    synchronous database calls there unless ``DJANGO_ALLOW_ASYNC_UNSAFE`` is
+    set.  Repairs must work even when the user opted out of that, so they run
+    in a short-lived thread while this one waits (it is not using the
+    connection meanwhile).
+    """
+    if not in_event_loop() or os.environ.get(ASYNC_UNSAFE_VARIABLE):
+        return func()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(func())
+        except BaseException as exc:  # re-raised in the calling thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="ipy_dbreset-repair", daemon=True)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def touching(wrapper: BaseDatabaseWrapper, action: Callable[[], T]) -> T:
+    """Run ``action`` on ``wrapper`` where Django lets this thread touch it.
+
+    Outside the event loop, with the wrapper borrowed from its thread.  Whether
+    its thread may be using it meanwhile is :meth:`ConnectionTracker.hold`'s
+    question, asked first.
+    """
+
+    def borrowing() -> T:
+        with borrowed(wrapper):
+            return action()
+
+    return outside_event_loop(borrowing)
 
 
 @dataclass(frozen=True)
@@ -77,7 +150,7 @@ class _Guard:
     """An ``execute_wrapper`` that holds a lock while a query runs."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # held while a query runs; hold() tries it
 
     def __call__(
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
@@ -157,14 +230,19 @@ class ConnectionTracker:
 
     def __init__(self, home: threading.Thread | None = None) -> None:
         self.home_thread = home or threading.current_thread()
+        """The shell's thread: its connections are the ones cells use."""
+        # Other threads' connections, with their thread and the guard put on
+        # them; weak, so that a connection goes with its thread.
         self._others: weakref.WeakKeyDictionary[
             BaseDatabaseWrapper, tuple[threading.Thread, _Guard]
         ] = weakref.WeakKeyDictionary()
-        self._uid = f"ipy_dbreset-{id(self)}"
+        self._uid = f"ipy_dbreset-{id(self)}"  # our receiver of connection_created
         self.version = 0
         """Bumped whenever a connection is opened, so that cached views can notice."""
         self._lock = threading.Lock()  # other threads add to _others while we list it
+        # The home thread's connections that have connected (see home).
         self._home: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
+        # What to run, once, when a wrapper next connects (when_connected).
         self._on_connect: weakref.WeakKeyDictionary[
             BaseDatabaseWrapper, Callable[[BaseDatabaseWrapper], None]
         ] = weakref.WeakKeyDictionary()
@@ -175,7 +253,6 @@ class ConnectionTracker:
         """Marks of the connections that ran a query since :meth:`take_used`; any thread appends."""
         self.preflight = Preflight()
         """Looks at every tracked connection before its queries (:mod:`ipy_dbreset.preflight`)."""
-
         self.on_created: list[Callable[[BaseDatabaseWrapper], None]] = []
         """Called with every connection opened while watching, in the thread that opened it."""
 
@@ -292,47 +369,29 @@ class ConnectionTracker:
             yield Tracked(wrapper, None)
         yield from self.others()
 
-    def hold(self, tracked: Tracked) -> _Hold:
-        """A context manager that holds ``tracked`` still, or reports it busy."""
-        if tracked.thread is None or not tracked.thread.is_alive():
-            return _Hold(None)
-        _, guard = self._others[tracked.wrapper]
-        return _Hold(guard.lock, tracked.wrapper, tracked.thread)
+    @contextlib.contextmanager
+    def hold(self, tracked: Tracked) -> Iterator[bool]:
+        """Hold ``tracked`` still while the block runs; yield whether it may be touched.
 
-
-class _Hold:
-    """Holds another thread's connection still while it is repaired."""
-
-    def __init__(
-        self,
-        lock: threading.RLock | None,
-        wrapper: BaseDatabaseWrapper | None = None,
-        thread: threading.Thread | None = None,
-    ):
-        self._lock = lock  # the owner's query guard; None: nothing to wait for
-        self._wrapper = wrapper
-        self._thread = thread
-        self._held = False  # whether we hold the lock, to release it on exit
-        self.free = True
-        """Whether the connection may be judged and repaired."""
-
-    def __enter__(self) -> _Hold:
-        if self._lock is None or self._wrapper is None or self._thread is None:
-            return self
-        self._held = self._lock.acquire(blocking=False)  # no query of its is running
+        ``False``: its thread is running one of its queries, or is somewhere
+        between two queries of its transaction (only that thread may end it).
+        """
+        thread = tracked.thread
+        if thread is None or not thread.is_alive():
+            yield True
+            return
+        wrapper = tracked.wrapper
+        lock = self._others[wrapper][1].lock  # held by its guard around each query
+        held = lock.acquire(blocking=False)
         if (
-            self._held
-            and (self._wrapper.in_atomic_block or not self._wrapper.autocommit)
-            and not _waiting_for_work(self._thread)
+            held
+            and (wrapper.in_atomic_block or not wrapper.autocommit)
+            and not _waiting_for_work(thread)
         ):
-            # Its thread is somewhere between two queries of its transaction:
-            # only that thread may end it.
-            self._lock.release()
-            self._held = False
-        self.free = self._held
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._held and self._lock is not None:
-            self._held = False
-            self._lock.release()
+            lock.release()
+            held = False
+        try:
+            yield held
+        finally:
+            if held:
+                lock.release()

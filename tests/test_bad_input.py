@@ -313,3 +313,46 @@ def test_bad_configuration_at_start_up_is_one_message_with_a_way_back(
     assert "callbacks 0" in output  # nothing half-registered
     assert "callbacks 1" in output  # and the way back works
     assert "UsageError" not in output
+
+
+@pytest.mark.parametrize("reraise", [False, True], ids=["default", "reraise"])
+def test_start_up_failure_honours_reraise_ipython_extension_failures(
+    tmp_path: Path, reraise: bool
+) -> None:
+    """No Django project at start-up: one message, or IPython's own failure if asked for."""
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    arguments = ["--ext", "ipy_dbreset"]
+    if reraise:
+        arguments.append("--InteractiveShellApp.reraise_ipython_extension_failures=True")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "IPython",
+            "--no-banner",
+            "--colors=NoColor",
+            *arguments,
+            "-c",
+            "print('the shell ran')",
+        ],
+        cwd=nowhere,
+        env=clean_env(IPYTHONDIR=str(tmp_path / "ipython")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    said = [line for line in output.splitlines() if "no Django settings found" in line]
+    if reraise:  # the user asked IPython to fail on it, with its traceback
+        assert done.returncode != 0, output
+        assert "the shell ran" not in done.stdout, output
+        assert any(line.startswith("IPython.core.error.UsageError: ipy_dbreset:") for line in said)
+    else:
+        assert done.returncode == 0, output
+        assert "the shell ran" in done.stdout, output
+        assert "Traceback" not in output
+        assert len(said) == 1, output
+        assert said[0].startswith("ipy_dbreset: no Django settings found"), output
+        assert "Once that is fixed: %reload_ext ipy_dbreset" in output

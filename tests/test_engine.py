@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     from ipy_dbreset.checkup import Checkup
-    from ipy_dbreset.tracking import ConnectionTracker
+    from ipy_dbreset.health import Problem
+    from ipy_dbreset.repair import Repair
 
 pytestmark = pytest.mark.usefixtures("demo_django")
 
@@ -124,21 +125,44 @@ def connect(demo_django: None) -> Iterator[Callable[..., BaseDatabaseWrapper]]:
 
 @pytest.fixture
 def checkup(demo_django: None) -> Iterator[Callable[..., Checkup]]:
-    """``checkup(**options)``: a Checkup on a started ConnectionTracker of this thread."""
+    """``checkup(**options)``: a started Checkup of this thread, stopped afterwards."""
     from ipy_dbreset.checkup import Checkup
-    from ipy_dbreset.tracking import ConnectionTracker
 
-    trackers: list[ConnectionTracker] = []
+    started: list[Checkup] = []
 
     def make(**options: bool) -> Checkup:
-        tracker = ConnectionTracker()
-        tracker.start()
-        trackers.append(tracker)
-        return Checkup(tracker, **options)
+        engine = Checkup(**options)
+        engine.start()
+        started.append(engine)
+        return engine
 
     yield make
-    for tracker in trackers:
-        tracker.stop()
+    for engine in started:
+        engine.stop()
+
+
+# Why a repair was done, as its notice says it, for each problem judge() finds.
+CAUSES = {
+    "LOST": (
+        "the connection was closed mid-transaction",
+        "the driver found the connection closed",
+        "the server closed the connection",
+    ),
+    "STUCK": ("an interrupted query left its result unread", "a query was left running"),
+    "ABORTED": (
+        "a failed statement aborted the transaction",
+        "a cancelled query aborted the transaction",
+    ),
+    "MARKED": ("a query failed inside the atomic block",),
+}
+
+
+def problem_of(repair: Repair) -> Problem:
+    """The problem a repair was for, from the reason its notice gives."""
+    from ipy_dbreset.health import Problem
+
+    (found,) = [Problem[name] for name, causes in CAUSES.items() if repair.reason in causes]
+    return found
 
 
 def insert(wrapper: BaseDatabaseWrapper, number: int) -> None:
@@ -203,6 +227,7 @@ def test_the_backend_copy_uses_the_asked_driver(pg, driver):
 def test_healthy_postgres_connection_gets_no_verdict_and_no_round_trip(
     pg, postgres_db, checkup, driver
 ):
+    from ipy_dbreset.checkup import HEALTHY
     from ipy_dbreset.health import judge
 
     engine = checkup()
@@ -212,9 +237,9 @@ def test_healthy_postgres_connection_gets_no_verdict_and_no_round_trip(
     before = pg_last_statement(pid, postgres_db)
     assert pg in [t.wrapper for t in engine.tracked()]
     assert judge(pg) is None
-    assert engine.run() is None  # the full path
-    assert engine.run() is None  # the fast path
-    assert engine.run(listen=False) is None
+    assert engine.run() == HEALTHY  # the full path
+    assert engine.run() == HEALTHY  # the fast path
+    assert engine.run(listen=False) == HEALTHY
     assert pg_last_statement(pid, postgres_db) == before
     pg.rollback()
 
@@ -231,7 +256,7 @@ def test_terminated_postgres_connection_is_lost_and_closed(pg, postgres_db, driv
     verdict = judge(pg)
     assert verdict is not None and verdict.problem is Problem.LOST, verdict
     done = repair(pg, verdict)
-    assert done.problem is Problem.LOST and done.lost is None, done
+    assert problem_of(done) is Problem.LOST and done.lost is None, done
     assert pg.connection is None
     assert numbers(pg) == [1]  # Django reconnects
     assert judge(pg) is None
@@ -242,30 +267,31 @@ def test_terminated_postgres_connection_is_lost_and_closed(pg, postgres_db, driv
 def test_checkup_reconnects_a_terminated_manual_transaction_in_manual_mode(
     pg, postgres_db, checkup, driver
 ):
+    from ipy_dbreset.checkup import HEALTHY
     from ipy_dbreset.health import Problem
 
     engine = checkup()
     insert(pg, 1)
     pg.set_autocommit(False)
     insert(pg, 2)
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
     assert terminate_backends(postgres_db) == 1
     wait_until_disconnected(postgres_db)
-    done = engine.run()
-    assert done is not None and [r.problem for r in done] == [Problem.LOST], done
-    assert "manual transaction" in (done[0].lost or "")
+    outcome = engine.run()
+    assert outcome.ok and [problem_of(r) for r in outcome.repairs] == [Problem.LOST], outcome
+    assert "manual transaction" in (outcome.repairs[0].lost or "")
     assert numbers(pg) == [1]  # the server discarded 2 with its transaction
     assert pg.get_autocommit() is False  # as the user had it
     insert(pg, 3)
     pg.commit()
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
     assert pg_committed(postgres_db) == [1, 3]
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.postgres
 def test_aborted_manual_transaction_is_rolled_back(pg, postgres_db, driver):
-    from ipy_dbreset.drivers import Transaction
+    from ipy_dbreset.drivers import Transaction, driver_for
     from ipy_dbreset.health import Problem, judge
     from ipy_dbreset.repair import repair
 
@@ -276,7 +302,7 @@ def test_aborted_manual_transaction_is_rolled_back(pg, postgres_db, driver):
     insert_twice(pg, 1)
     verdict = judge(pg)
     assert verdict is not None and verdict.problem is Problem.ABORTED, verdict
-    assert verdict.transaction is Transaction.INERROR
+    assert driver_for(pg.connection).link(pg).transaction is Transaction.INERROR
     done = repair(pg, verdict)
     assert done.action == "rolled back" and done.lost == "lost its work", done
     assert done.reason == "a failed statement aborted the transaction", done
@@ -291,19 +317,21 @@ def test_aborted_manual_transaction_is_rolled_back(pg, postgres_db, driver):
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.postgres
 def test_aborted_manual_transaction_is_left_to_the_user_when_asked(pg, checkup, driver):
+    from ipy_dbreset.checkup import HEALTHY, Outcome
     from ipy_dbreset.health import Problem, judge
 
     engine = checkup(leave_manual_transactions=True)
     pg.set_autocommit(False)
     insert(pg, 1)
     insert_twice(pg, 1)
-    done = engine.run()
-    assert done is not None and [r.action for r in done] == ["did not roll back"], done
-    assert engine.run() == []  # told once; still broken, so not taken as healthy
+    outcome = engine.run()
+    assert outcome.ok and [r.action for r in outcome.repairs] == ["did not roll back"], outcome
+    # Told once; still broken, so not taken as healthy.
+    assert engine.run() == Outcome(healthy=False)
     verdict = judge(pg)
     assert verdict is not None and verdict.problem is Problem.ABORTED
     pg.rollback()
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -394,6 +422,7 @@ def test_marked_atomic_block_on_sqlite_keeps_its_writes(lite):
 
 
 def test_healthy_sqlite_connection_gets_no_verdict(lite, checkup):
+    from ipy_dbreset.checkup import HEALTHY
     from ipy_dbreset.health import judge
 
     lite.close()  # connected before the tracker started, to create the table
@@ -401,8 +430,8 @@ def test_healthy_sqlite_connection_gets_no_verdict(lite, checkup):
     insert(lite, 2)
     assert lite in [t.wrapper for t in engine.tracked()]
     assert judge(lite) is None
-    assert engine.run() is None
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
+    assert engine.run() == HEALTHY
 
 
 # -- MariaDB / MySQL ----------------------------------------------------------------------
@@ -436,6 +465,7 @@ def mysql_last_command(thread: int) -> int:
 
 @pytest.mark.mysql
 def test_healthy_mysql_connection_gets_no_verdict_and_no_round_trip(my, checkup):
+    from ipy_dbreset.checkup import HEALTHY
     from ipy_dbreset.health import judge
 
     engine = checkup()
@@ -445,8 +475,8 @@ def test_healthy_mysql_connection_gets_no_verdict_and_no_round_trip(my, checkup)
     before = mysql_last_command(thread)
     assert my in [t.wrapper for t in engine.tracked()]
     assert judge(my) is None
-    assert engine.run() is None
-    assert engine.run() is None
+    assert engine.run() == HEALTHY
+    assert engine.run() == HEALTHY
     assert mysql_last_command(thread) == before
     my.rollback()
 

@@ -263,6 +263,32 @@ def test_settings_that_fail_to_import_then_fixed(tmp_path: Path, body: str, word
     assert mark(session[3]) == "fixed"
 
 
+def test_settings_error_keeps_one_line_and_its_traceback_goes_to_the_debug_log(
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path)
+    write_settings(
+        project,
+        "settings",
+        "SECRET_KEY = 'x'\n\ndef deep():\n    raise RuntimeError('boom in settings')\n\ndeep()\n",
+    )
+    log_file = tmp_path / "debug.log"
+    debug_log = (
+        "import logging\n"
+        f"handler = logging.FileHandler({str(log_file)!r})\n"
+        "logging.getLogger('ipy_dbreset').addHandler(handler)\n"
+        "logging.getLogger('ipy_dbreset').setLevel(logging.DEBUG)"
+    )
+    session = run_shell(
+        [debug_log, "%load_ext ipy_dbreset"], project / "notebooks", tmp_path=tmp_path
+    )
+    assert_clear_failure(session, session[1], "mysite.settings", "boom in settings")
+    logged = log_file.read_text()
+    assert "ipy_dbreset: Django's setup with mysite.settings failed" in logged, logged
+    assert "Traceback (most recent call last)" in logged, logged
+    assert "in deep" in logged, logged  # the frames the message leaves out
+
+
 def test_settings_with_an_app_that_fails_to_import(tmp_path: Path) -> None:
     project = make_project(tmp_path)
     write_settings(

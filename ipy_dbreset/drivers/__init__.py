@@ -142,7 +142,8 @@ class Sockets:
 
     def __init__(self, filenos: Iterable[int]) -> None:
         wanted = sorted({fileno for fileno in filenos if fileno >= 0})
-        self._epoll: select.epoll | None = None
+        self._epoll: select.epoll | None = None  # ours to close, on Linux
+        # The question asked: the epoll set's or the poll set's, or none at all.
         self._poll: Callable[[int], list[tuple[int, int]]] = _nothing
         if not wanted:
             return
