@@ -414,7 +414,7 @@ def test_plain_kernel_in_a_project_folder_loads_and_queries(start_kernel, sqlite
     kernel.ok("from shop.models import Order; Order.objects.create(number=1)")
     assert kernel.ok("Order.objects.count()").value() == 1
     status = kernel.ok("%dbstatus").texts[-1]
-    assert re.search(r"^default\s.*sqlite / sqlite3\s.*\byes\s", status, re.M), status
+    assert re.search(r"^default\s+sqlite3\s+\S+db\.sqlite3\s+idle$", status, re.M), status
     assert kernel.failed == 0
 
 
