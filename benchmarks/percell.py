@@ -55,30 +55,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from common import (
+    DEMO,
+    DRIVERS,
+    MYSQL_SERVER,
+    PG_SERVER,
+    ROOT,
+    BenchmarkBroken,
+    ShellProcess,
+    describe,
+    versions,
+)
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "notebooks"
-# --backend: the DB-API module Django must end up using.
-DRIVERS = {"postgresql": "psycopg", "psycopg2": "psycopg2", "mysql": "MySQLdb", "sqlite": "sqlite3"}
-PG_SERVER = os.environ.get("IPY_DBRESET_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
-MYSQL_SERVER = os.environ.get("IPY_DBRESET_BENCH_MYSQL", "mysql://root@127.0.0.1:3306")
 
 OVERHEAD_TARGET = 1.05
 REPAIR_TARGET = 1.5
 
 # The cell whose first ORM query is timed; ``_clock`` is put in the namespace at start.
 TIMED_QUERY = "_t0 = _clock()\nOrder.objects.exists()\n_query_ns = _clock() - _t0"
-
-
-class BenchmarkBroken(Exception):
-    """The benchmark could not measure (not: a figure is over its target)."""
-
-
-# =============================================================================
-# The worker: one IPython shell in its own process, driven over a pipe.
-# =============================================================================
 
 
 def tcp_sent(fd: int | None) -> tuple[int, int] | None:
@@ -346,7 +343,7 @@ def worker_main(spec: dict[str, Any]) -> None:
         worker = Worker(spec)
         reply({"ok": True, **worker.op_state()})
     except BaseException as exc:
-        reply({"ok": False, "error": _describe(exc)})
+        reply({"ok": False, "error": describe(exc)})
         return
     for line in sys.stdin:
         request = json.loads(line)
@@ -356,13 +353,7 @@ def worker_main(spec: dict[str, Any]) -> None:
         try:
             reply({"ok": True, **getattr(worker, f"op_{op}")(**request)})
         except BaseException as exc:
-            reply({"ok": False, "error": _describe(exc)})
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BenchmarkBroken):
-        return str(exc)
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
+            reply({"ok": False, "error": describe(exc)})
 
 
 # =============================================================================
@@ -370,64 +361,28 @@ def _describe(exc: BaseException) -> str:
 # =============================================================================
 
 
-class Shell:
+class Shell(ShellProcess):
     """A worker process with one IPython shell, with or without the extension."""
 
     def __init__(self, label: str, spec: dict[str, Any], env: dict[str, str]) -> None:
-        self.label = label
-        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  # closed in close()
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env=env,
-        )
+        super().__init__(label, __file__, spec, env)
         self.ready: dict[str, Any] | None = None
 
     def wait_ready(self) -> dict[str, Any]:
         if self.ready is None:
-            self.ready = self._read()
+            self.ready = self.read()
         return self.ready
-
-    def _read(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            self.log.seek(0)
-            tail = self.log.read()[-3000:]
-            raise BenchmarkBroken(f"the {self.label} shell exited:\n{tail}")
-        reply: dict[str, Any] = json.loads(line)
-        if not reply.pop("ok"):
-            raise BenchmarkBroken(f"the {self.label} shell: {reply['error']}")
-        return reply
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         self.wait_ready()
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.process.stdin.flush()
-        return self._read()
+        self.send({"op": op, **args})
+        return self.read()
 
     def cell(self, code: str, *, must: bool = True) -> dict[str, Any]:
         reply = self.call("cell", code=code)
         if must and not reply["success"]:
             raise BenchmarkBroken(f"the {self.label} shell: cell {code!r}: {reply['error']}")
         return reply
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self.process.stdin is not None
-                self.process.stdin.write('{"op": "quit"}\n')
-                self.process.stdin.close()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 class Monitor:
@@ -986,7 +941,7 @@ def run_scaling(args: argparse.Namespace) -> list[Row]:
             print_table(
                 [
                     f"ipy_dbreset per-cell cost vs connections: {args.backend} "
-                    f"({_versions(driver)})",
+                    f"({versions(driver)})",
                     f"both callbacks around a healthy empty cell (hot loop, median of 7) and "
                     f"the whole cell; {cells} cells x {rounds} rounds, interleaved with N = 1",
                 ],
@@ -1036,10 +991,10 @@ def run(args: argparse.Namespace) -> list[Row]:
             bare.close()
             rows += measure_round_trips(loaded, monitor, checked)
             rows += measure_repair(loaded, monitor, repairs)
-            versions = _versions(driver)
+            found = versions(driver)
             print_table(
                 [
-                    f"ipy_dbreset per-cell benchmark: {args.backend} ({versions})",
+                    f"ipy_dbreset per-cell benchmark: {args.backend} ({found})",
                     f"InteractiveShell.run_cell, {cells} cells x {rounds} rounds per shell, "
                     f"interleaved; {checked} cells watched by the server; "
                     f"{repairs} repairs",
@@ -1052,22 +1007,6 @@ def run(args: argparse.Namespace) -> list[Row]:
         for shell in shells:
             shell.close()
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _versions(driver: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    package = {"MySQLdb": "mysqlclient", "psycopg2": "psycopg2-binary"}.get(driver, driver)
-    for name in ("django", "ipython", package):
-        if name == "sqlite3":
-            import sqlite3
-
-            found.append(f"sqlite {sqlite3.sqlite_version}")
-            continue
-        with contextlib.suppress(PackageNotFoundError):
-            found.append(f"{name} {version(name)}")
-    return ", ".join(found) + f", Python {sys.version.split()[0]}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,15 +44,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from common import (
+    DEMO,
+    DRIVERS,
+    MYSQL_SERVER,
+    PG_SERVER,
+    ROOT,
+    BenchmarkBroken,
+    ShellProcess,
+    describe,
+    versions,
+)
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "notebooks"
-# --backend: the DB-API module Django must end up using.
-DRIVERS = {"postgresql": "psycopg", "psycopg2": "psycopg2", "mysql": "MySQLdb", "sqlite": "sqlite3"}
-PG_SERVER = os.environ.get("IPY_DBRESET_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
-MYSQL_SERVER = os.environ.get("IPY_DBRESET_BENCH_MYSQL", "mysql://root@127.0.0.1:3306")
 
 RATIO_GOAL = 1.02
 PER_QUERY_GOAL_US = 1.0
@@ -65,10 +71,6 @@ CELLS = {
     ),
 }
 VARIANTS = {"without": [], "with": ["%load_ext ipy_dbreset"]}
-
-
-class BenchmarkBroken(Exception):
-    """The benchmark could not measure (not: a figure is over its goal)."""
 
 
 # =============================================================================
@@ -113,7 +115,7 @@ def worker_main(spec: dict[str, Any]) -> None:
         used = type(connection.connection).__module__.split(".")[0]
         out.write(json.dumps({"ok": True, "driver": used}) + "\n")
     except BaseException as exc:
-        out.write(json.dumps({"ok": False, "error": _describe(exc)}) + "\n")
+        out.write(json.dumps({"ok": False, "error": describe(exc)}) + "\n")
         return
     for line in sys.stdin:
         request = json.loads(line)
@@ -131,7 +133,7 @@ def worker_main(spec: dict[str, Any]) -> None:
                 times.append(time.perf_counter_ns() - start)
             out.write(json.dumps({"ok": True, "median": statistics.median(times)}) + "\n")
         except BaseException as exc:
-            out.write(json.dumps({"ok": False, "error": _describe(exc)}) + "\n")
+            out.write(json.dumps({"ok": False, "error": describe(exc)}) + "\n")
 
 
 def time_hook(n: int = 200_000) -> dict[str, float]:
@@ -160,69 +162,26 @@ def time_hook(n: int = 200_000) -> dict[str, float]:
     return timed
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BenchmarkBroken):
-        return str(exc)
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
-
-
 # =============================================================================
 # The parent: a database, two shells, interleaved rounds, the table.
 # =============================================================================
 
 
-class Shell:
+class Shell(ShellProcess):
     """A worker process with one IPython shell, set up by its own cells."""
 
     def __init__(self, label: str, spec: dict[str, Any], env: dict[str, str]) -> None:
-        self.label = label
-        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  # closed in close()
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env=env,
-        )
-        self.driver = self._read()["driver"]
-
-    def _read(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            self.log.seek(0)
-            raise BenchmarkBroken(f"the {self.label} shell exited:\n{self.log.read()[-3000:]}")
-        reply: dict[str, Any] = json.loads(line)
-        if not reply.pop("ok"):
-            raise BenchmarkBroken(f"the {self.label} shell: {reply['error']}")
-        return reply
+        super().__init__(label, __file__, spec, env)
+        self.driver = self.read()["driver"]
 
     def time(self, code: str, reps: int) -> float:
         """The median time of ``reps`` runs of ``code`` as a cell, in ns."""
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"code": code, "reps": reps}) + "\n")
-        self.process.stdin.flush()
-        return float(self._read()["median"])
+        self.send({"code": code, "reps": reps})
+        return float(self.read()["median"])
 
     def time_hook(self) -> dict[str, float]:
-        assert self.process.stdin is not None
-        self.process.stdin.write('{"op": "hook"}\n')
-        self.process.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self.process.stdin is not None
-                self.process.stdin.write('{"op": "quit"}\n')
-                self.process.stdin.close()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        self.send({"op": "hook"})
+        return self.read()
 
 
 def _server(url: str, port: int, user: str) -> dict[str, Any]:
@@ -350,7 +309,7 @@ def compare(
 
 
 def print_table(backend: str, results: list[Result], queries: int, rounds: int, reps: int) -> None:
-    print(f"ipy_dbreset per-query benchmark: {backend} ({_versions(DRIVERS[backend])})")
+    print(f"ipy_dbreset per-query benchmark: {backend} ({versions(DRIVERS[backend])})")
     print(
         f"a cell of {queries} queries, {reps} cells x {rounds} interleaved rounds per shell; "
         "medians"
@@ -388,22 +347,6 @@ def print_table(backend: str, results: list[Result], queries: int, rounds: int, 
             f"({hook['hook'] - hook['django']:+.0f} ns per query)"
         )
     print()
-
-
-def _versions(driver: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    package = {"MySQLdb": "mysqlclient", "psycopg2": "psycopg2-binary"}.get(driver, driver)
-    for name in ("django", "ipython", package):
-        if name == "sqlite3":
-            import sqlite3
-
-            found.append(f"sqlite {sqlite3.sqlite_version}")
-            continue
-        with contextlib.suppress(PackageNotFoundError):
-            found.append(f"{name} {version(name)}")
-    return ", ".join(found) + f", Python {sys.version.split()[0]}"
 
 
 def main(argv: list[str] | None = None) -> int:

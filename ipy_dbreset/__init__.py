@@ -23,13 +23,13 @@ __version__ = "0.1.0"
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:
     """Set up Django if needed and register the magics and cell callbacks."""
-    from ipy_dbreset.magics import load
+    from ipy_dbreset.extension import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: InteractiveShell) -> None:
     """Remove exactly what :func:`load_ipython_extension` added."""
-    from ipy_dbreset.magics import unload
+    from ipy_dbreset.extension import unload
 
     unload(ipython)

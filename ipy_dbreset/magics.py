@@ -20,26 +20,26 @@ Configure it like any IPython extension, with ``%config`` or in
 
 Everything that judges, repairs and describes connections is the engine's
 (:class:`~ipy_dbreset.checkup.Checkup`) and :mod:`ipy_dbreset.display`'s; this
-module holds one ``Checkup`` and connects it to the shell.
+module holds one ``Checkup`` and connects it to the shell.  Around it, the
+rest of the IPython side: :mod:`ipy_dbreset.options` (what a refused value
+says), :mod:`ipy_dbreset.interrupts` (Ctrl-C during a repair) and
+:mod:`ipy_dbreset.extension` (load and unload).
 """
 
 from __future__ import annotations
 
-import ast
 import logging
 import signal
 import sys
 import threading
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.core.shellapp import InteractiveShellApp
 from IPython.display import display
-from traitlets import Bool, Enum, Float, Int, TraitError, TraitType, Unicode, observe
-from traitlets.config.loader import DeferredConfig
+from traitlets import Bool, Enum, Int, TraitError, Unicode, observe
 
 from ipy_dbreset.checkup import Checkup, Outcome
 from ipy_dbreset.display import (
@@ -52,7 +52,9 @@ from ipy_dbreset.display import (
     skipped_notice,
     status_table,
 )
+from ipy_dbreset.interrupts import StopCell, interrupts_held
 from ipy_dbreset.network import Network
+from ipy_dbreset.options import BadOption, Seconds, Verbosity, explain
 from ipy_dbreset.project import (
     ASYNC_UNSAFE_VARIABLE,
     ProjectError,
@@ -64,7 +66,7 @@ from ipy_dbreset.tracking import in_event_loop
 
 if TYPE_CHECKING:
     from argparse import Namespace
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
 
     from IPython.core.displayhook import DisplayHook
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
@@ -75,7 +77,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_EVENTS = ("pre_run_cell", "post_run_cell")
+EVENTS = ("pre_run_cell", "post_run_cell")
 
 
 class ResetResult(list["Repair"]):
@@ -95,87 +97,6 @@ class ResetResult(list["Repair"]):
 
     def _ipython_display_(self) -> None:
         display(self.notice)
-
-
-@contextmanager
-def _interrupts_held() -> Iterator[list[int]]:
-    """Hold back SIGINT (Ctrl-C, the stop button) until the block is done.
-
-    Yields the signals received meanwhile; what they interrupt is the caller's
-    choice, once the block is over.  A second SIGINT is not held back: the user
-    would rather stop a repair that hangs (a network gone silent) than wait.
-    """
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received  # Python runs signal handlers in the main thread only
-        return
-
-    def hold(signum: int, frame: object) -> None:
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    previous = signal.signal(signal.SIGINT, hold)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class _StopCell(ast.NodeTransformer):
-    """Turn the next cell into ``raise KeyboardInterrupt`` at its first line.
-
-    How an interrupt held back during the checks before a cell reaches that
-    cell: as if it had arrived before the first statement ran.  Raised from a
-    ``pre_run_cell`` callback it would be reported as the callback's error
-    and the cell would run anyway.
-    """
-
-    def __init__(self) -> None:
-        self.used = False  # one cell only (a cell may run cells of its own)
-
-    def visit(self, node: ast.AST) -> ast.AST:
-        if self.used or not isinstance(node, ast.Module):
-            return node
-        self.used = True
-        stop = ast.Raise(exc=ast.Name(id="KeyboardInterrupt", ctx=ast.Load()), cause=None)
-        if node.body:
-            ast.copy_location(stop, node.body[0])
-        node.body = [stop]
-        return ast.fix_missing_locations(node)
-
-
-class _Verbosity(Int):  # type: ignore[type-arg]
-    """0, 1 or 2; a bad value's error lists them (Int's bounds error names only one)."""
-
-    info_text = "0, 1 or 2"
-
-    def validate(self, obj: Any, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2:
-            self.error(obj, value)
-        return value
-
-
-class _Seconds(Float):  # type: ignore[type-arg]
-    """Seconds, 0 or more; a bad value's error says so (Float's says only "a float")."""
-
-    info_text = "a number of seconds, 0 or more"
-
-    def __init__(self, default: float, **kwargs: Any) -> None:
-        super().__init__(default, min=0.0, **kwargs)
-
-
-class BadOption(ValueError):
-    """A configured value that the option does not accept; the message names both."""
-
-
-def _allowed(trait: TraitType[Any, Any]) -> str:
-    if isinstance(trait, Bool):
-        return "True or False"
-    if isinstance(trait, Enum):
-        *first, last = map(repr, trait.values or ())
-        return f"{', '.join(first)} or {last}" if first else last
-    return trait.info()
 
 
 @magics_class
@@ -237,7 +158,7 @@ class DBReset(Magics):
             "DJANGO_SETTINGS_MODULE and manage.py."
         ),
     ).tag(config=True)
-    idle_release = _Seconds(
+    idle_release = Seconds(
         0.0,
         help=(
             "Seconds the shell may wait for input before the shell thread's idle connections "
@@ -246,14 +167,14 @@ class DBReset(Magics):
             "advisory locks, LISTEN, PREPARE) is kept. 0: never."
         ),
     ).tag(config=True)
-    long_transaction = _Seconds(
+    long_transaction = Seconds(
         600.0,
         help=(
             "Seconds a transaction may stay open between cells before it is pointed out "
             "(once, at the next cell; it is left as it is). 0: never."
         ),
     ).tag(config=True)
-    verbosity = _Verbosity(
+    verbosity = Verbosity(
         1,
         help=(
             "0: say nothing (use logging), 1: one line per repair, 2: also setup details "
@@ -274,7 +195,7 @@ class DBReset(Magics):
         self._displayhook: DisplayHook | None = None
         self._hidden: list[ResetResult] = []
         # Set while an interrupt held back before a cell waits for that cell.
-        self._stop_cell: _StopCell | None = None
+        self._stop_cell: StopCell | None = None
         # What the callbacks do, read as plain attributes around every cell
         # (trait reads cost more than judging a healthy connection): whether
         # to check, the checkup's fast path and its full check.
@@ -293,29 +214,7 @@ class DBReset(Magics):
             if shell is not None:
                 with suppress(ValueError):
                     shell.configurables.remove(self)  # type: ignore[arg-type]
-            raise BadOption(self._bad_option(shell, exc)) from None
-
-    def _bad_option(self, shell: InteractiveShell | None, exc: Exception) -> str:
-        """``c.DBReset.verbosity = 'x' is not valid: expected 0, 1 or 2``."""
-        config = getattr(shell, "config", None)
-        section = config.get(type(self).__name__, {}) if config is not None else {}
-        traits = self.traits(config=True)
-        for name, raw in section.items():
-            trait = traits.get(name)
-            if trait is None:
-                continue
-            shown = str(raw) if isinstance(raw, DeferredConfig) else raw  # --DBReset.x=...
-            try:
-                # On this instance, which is being thrown away: its traits are
-                # still the defaults, and its observers see nothing running.
-                value = raw.get_value(trait) if isinstance(raw, DeferredConfig) else raw
-                setattr(self, name, value)
-            except (TraitError, ValueError):
-                return (
-                    f"c.{type(self).__name__}.{name} = {shown!r} is not valid: "
-                    f"expected {_allowed(trait)}"
-                )
-        return f"{type(self).__name__} configuration is not valid: {str(exc).splitlines()[0]}"
+            raise BadOption(explain(self, shell, exc)) from None
 
     # -- life cycle ----------------------------------------------------------
 
@@ -491,7 +390,7 @@ class DBReset(Magics):
 
     def _check(self, *, suspect: bool, before_cell: bool) -> None:
         """Check in full; a repair and its notice are done whole, whatever the user presses."""
-        with _interrupts_held() as interrupts:
+        with interrupts_held() as interrupts:
             try:
                 outcome = self._check_all(suspect=suspect)
             except KeyboardInterrupt:  # pressed twice: the repair may be half done
@@ -522,7 +421,7 @@ class DBReset(Magics):
             except KeyboardInterrupt:
                 pass
         if before_cell and self.shell is not None:
-            self._stop_cell = _StopCell()
+            self._stop_cell = StopCell()
             self.shell.ast_transformers.append(self._stop_cell)
         else:
             log.info("ipy_dbreset: interrupt after the cell ignored")
@@ -546,7 +445,7 @@ class DBReset(Magics):
         """Show ``notice`` if ``verbosity`` is at least ``level`` (0: always)."""
         if self.verbosity < level:
             return
-        if getattr(self.shell, "kernel", None) is not None and not _ran_a_cell(self.shell):
+        if getattr(self.shell, "kernel", None) is not None and not ran_a_cell(self.shell):
             # Sent now, it would belong to no cell and no notebook would show it.
             # A terminal shows it as it is printed.
             self._held.append(notice)
@@ -554,7 +453,7 @@ class DBReset(Magics):
             display(notice)
 
     def _show_held(self) -> None:
-        if _ran_a_cell(self.shell):  # exec_lines at start-up run as cells: not yet
+        if ran_a_cell(self.shell):  # exec_lines at start-up run as cells: not yet
             held, self._held = self._held, []
             for notice in held:
                 display(notice)
@@ -698,90 +597,7 @@ def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
     raise UsageError(f"%{name}: {message}; see %{name}?")
 
 
-def _loaded(ipython: InteractiveShell) -> DBReset | None:
-    for configurable in ipython.configurables:
-        if type(configurable).__name__ == DBReset.__name__ and hasattr(configurable, "checkup"):
-            return configurable  # type: ignore[return-value]
-    return None
-
-
-def _ran_a_cell(shell: InteractiveShell | None) -> bool:
+def ran_a_cell(shell: InteractiveShell | None) -> bool:
     """Whether the shell has started a cell of the user's (exec_lines at start-up are not)."""
     # Counted as a cell starts (before pre_run_cell), for cells kept in the history.
     return shell is not None and shell.execution_count > 1
-
-
-def _start_up_app(shell: InteractiveShell) -> InteractiveShellApp | None:
-    """The application loading ``shell``'s start-up extensions, if that is what this is.
-
-    Terminal IPython and ipykernel make the shell with their application as
-    (grand)parent; they load configured extensions before any cell runs.
-    """
-    if _ran_a_cell(shell) or shell.displayhook.exec_result is not None:
-        return None  # in a cell: %load_ext, or exec_lines
-    parent = shell.parent
-    while parent is not None and not isinstance(parent, InteractiveShellApp):
-        parent = parent.parent
-    return parent
-
-
-def load(ipython: InteractiveShell) -> None:
-    """Register everything, or nothing if Django cannot be set up."""
-    if _loaded(ipython) is not None:
-        return
-    try:
-        magics = DBReset(shell=ipython)
-    except BadOption as exc:
-        _refuse(
-            ipython,
-            f"ipy_dbreset: {exc}; fix it in ipython_config.py or with %config, "
-            "then %load_ext ipy_dbreset",
-            at_start_up=f"ipy_dbreset: {exc}; fix it with %config, then %reload_ext ipy_dbreset",
-        )
-        return
-    try:
-        magics.start()
-    except BaseException as exc:
-        ipython.configurables.remove(magics)  # type: ignore[arg-type]
-        if not isinstance(exc, UsageError):
-            raise
-        _refuse(
-            ipython, str(exc), at_start_up=f"{exc}\nOnce that is fixed: %reload_ext ipy_dbreset"
-        )
-        return
-    ipython.register_magics(magics)
-    for event in _EVENTS:
-        ipython.events.register(event, getattr(magics, event))
-
-
-def _refuse(shell: InteractiveShell, message: str, *, at_start_up: str) -> None:
-    """Raise a UsageError, or print ``at_start_up`` while IPython loads start-up extensions.
-
-    There IPython would log the error with its traceback, unless told to
-    reraise it (``InteractiveShellApp.reraise_ipython_extension_failures``):
-    one message says it all.  Nothing is registered, but IPython counts the
-    extension as loaded, hence the way back in with ``%reload_ext``.
-    """
-    app = _start_up_app(shell)
-    if app is None or app.reraise_ipython_extension_failures:
-        raise UsageError(message) from None
-    print(at_start_up, file=sys.stderr)
-
-
-def unload(ipython: InteractiveShell) -> None:
-    """Remove exactly what :func:`load` added and stop watching connections."""
-    magics = _loaded(ipython)
-    if magics is None:
-        return
-    for event in _EVENTS:
-        callback = getattr(magics, event)
-        if callback in ipython.events.callbacks[event]:
-            ipython.events.unregister(event, callback)
-    manager = ipython.magics_manager
-    for kind, names in magics.magics.items():
-        for name in names:
-            manager.magics[kind].pop(name, None)
-    if manager.registry.get(type(magics).__name__) is magics:
-        del manager.registry[type(magics).__name__]
-    ipython.configurables.remove(magics)  # type: ignore[arg-type]
-    magics.stop()

@@ -1,0 +1,78 @@
+"""Configuration values: traits that say what they accept, and one line for a refused value.
+
+A value set in ``ipython_config.py`` or with ``%config`` before ``%load_ext``
+is read while the magics are made; traitlets would answer a bad one with a
+traceback.  :func:`explain` turns it into one line that names the option, the
+value and what the option accepts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from traitlets import Bool, Enum, Float, Int, TraitError, TraitType
+from traitlets.config.loader import DeferredConfig
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Configurable
+
+
+class Verbosity(Int):  # type: ignore[type-arg]
+    """0, 1 or 2; a bad value's error lists them (Int's bounds error names only one)."""
+
+    info_text = "0, 1 or 2"
+
+    def validate(self, obj: Any, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2:
+            self.error(obj, value)
+        return value
+
+
+class Seconds(Float):  # type: ignore[type-arg]
+    """Seconds, 0 or more; a bad value's error says so (Float's says only "a float")."""
+
+    info_text = "a number of seconds, 0 or more"
+
+    def __init__(self, default: float, **kwargs: Any) -> None:
+        super().__init__(default, min=0.0, **kwargs)
+
+
+class BadOption(ValueError):
+    """A configured value that the option does not accept; the message names both."""
+
+
+def allowed(trait: TraitType[Any, Any]) -> str:
+    if isinstance(trait, Bool):
+        return "True or False"
+    if isinstance(trait, Enum):
+        *first, last = map(repr, trait.values or ())
+        return f"{', '.join(first)} or {last}" if first else last
+    return trait.info()
+
+
+def explain(configurable: Configurable, shell: InteractiveShell | None, exc: Exception) -> str:
+    """Name the configured value ``configurable`` refused and what it accepts.
+
+    ``c.DBReset.verbosity = 'x' is not valid: expected 0, 1 or 2``.  ``exc`` is
+    what traitlets raised; its first line is the fallback.
+    """
+    config = getattr(shell, "config", None)
+    section = config.get(type(configurable).__name__, {}) if config is not None else {}
+    traits = configurable.traits(config=True)
+    for name, raw in section.items():
+        trait = traits.get(name)
+        if trait is None:
+            continue
+        shown = str(raw) if isinstance(raw, DeferredConfig) else raw  # --DBReset.x=...
+        try:
+            # On this instance, which is being thrown away: its traits are
+            # still the defaults, and its observers see nothing running.
+            value = raw.get_value(trait) if isinstance(raw, DeferredConfig) else raw
+            setattr(configurable, name, value)
+        except (TraitError, ValueError):
+            return (
+                f"c.{type(configurable).__name__}.{name} = {shown!r} is not valid: "
+                f"expected {allowed(trait)}"
+            )
+    return f"{type(configurable).__name__} configuration is not valid: {str(exc).splitlines()[0]}"
