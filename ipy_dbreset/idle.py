@@ -292,7 +292,12 @@ class IdleKeeper:
         if self.long_transaction and self.tracker.used:
             self._note_transactions()
         said: Sequence[Said] = ()
-        if threading.active_count() != self._threads or self.tracker.version != self._version:
+        # Only another thread's connection can outlive its thread; counting
+        # threads is the dearest part of a cell with none.
+        tracker = self.tracker
+        if tracker.version != self._version or (
+            tracker.has_others() and threading.active_count() != self._threads
+        ):
             said = self._close_ended()
         if self._releasing:
             with self._cond:

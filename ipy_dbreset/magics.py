@@ -381,7 +381,7 @@ class DBReset(Magics):
             # driver's and Django's state; the sockets are for the next check.
             # One that raised may have marked a block for rollback without a query.
             failed = error is not None
-            suspect = isinstance(error, KeyboardInterrupt) or _cancelled(error)
+            suspect = failed and (isinstance(error, KeyboardInterrupt) or _cancelled(error))
             try:
                 if suspect or not self._healthy(listen=failed, failed=failed):
                     self._check(suspect=suspect, before_cell=False)
