@@ -17,6 +17,7 @@ most 25 ms.  Nothing connects to a database, so no server is needed.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import statistics
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=10, help="processes of each kind")
     args = parser.parse_args(argv)
+    # Django and IPython come from pip with their bytecode compiled; a checkout's
+    # ipy_dbreset may have none (PYTHONDONTWRITEBYTECODE, a fresh clone), and
+    # compiling it in every process would be measured as start-up.
+    compileall.compile_dir(str(ROOT / "ipy_dbreset"), quiet=1)
     print(f"%load_ext ipy_dbreset vs django.setup(), fresh processes, {args.rounds} each, medians")
     print()
     print("project     setup ms  load_ext ms  extra ms  extra MB  psycopg2")

@@ -47,6 +47,7 @@ Cost
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -104,25 +105,41 @@ _HEAD = re.compile(r"(?:\s+|/\*.*?\*/|--[^\n]*\n|\()*([A-Za-z]+)", re.S)
 _PART = r"""(?:"(?:[^"]|"")+"|`[^`]+`|\[[^\]]+\]|[A-Za-z_][\w$]*)"""  # an identifier, quoted or not
 _NAME = rf"({_PART}(?:\.{_PART})*)"  # a table name, maybe schema-qualified
 _MODIFIERS = r"(?:(?:LOW_PRIORITY|HIGH_PRIORITY|DELAYED|QUICK|IGNORE|ONLY|OR\s+[A-Za-z]+)\s+)*"
-_TABLES = {
-    kind: re.compile(pattern, re.I)
-    for kind, pattern in {
-        "INSERT": rf"\s*{_MODIFIERS}INTO\s+{_NAME}",
-        "REPLACE": rf"\s*{_MODIFIERS}INTO\s+{_NAME}",
-        "UPDATE": rf"\s*{_MODIFIERS}{_NAME}",
-        "DELETE": rf"\s*{_MODIFIERS}FROM\s+{_MODIFIERS}{_NAME}",
-        "MERGE": rf"\s*INTO\s+{_NAME}",
-        "TRUNCATE": rf"\s*(?:TABLE\s+)?{_MODIFIERS}{_NAME}",
-        "COPY": rf"\s*{_NAME}",
-        "CREATE": (
-            rf"\s*(?:(?:OR\s+REPLACE|TEMPORARY|TEMP|UNLOGGED)\s+)*"
-            rf"TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{_NAME}"
-        ),
-        "ALTER": rf"\s*TABLE\s+(?:IF\s+EXISTS\s+)?{_MODIFIERS}{_NAME}",
-        "DROP": rf"\s*(?:TEMPORARY\s+)?TABLE\s+(?:IF\s+EXISTS\s+)?{_NAME}",
-    }.items()
+_TABLE_PATTERNS = {
+    "INSERT": rf"\s*{_MODIFIERS}INTO\s+{_NAME}",
+    "REPLACE": rf"\s*{_MODIFIERS}INTO\s+{_NAME}",
+    "UPDATE": rf"\s*{_MODIFIERS}{_NAME}",
+    "DELETE": rf"\s*{_MODIFIERS}FROM\s+{_MODIFIERS}{_NAME}",
+    "MERGE": rf"\s*INTO\s+{_NAME}",
+    "TRUNCATE": rf"\s*(?:TABLE\s+)?{_MODIFIERS}{_NAME}",
+    "COPY": rf"\s*{_NAME}",
+    "CREATE": (
+        rf"\s*(?:(?:OR\s+REPLACE|TEMPORARY|TEMP|UNLOGGED)\s+)*"
+        rf"TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{_NAME}"
+    ),
+    "ALTER": rf"\s*TABLE\s+(?:IF\s+EXISTS\s+)?{_MODIFIERS}{_NAME}",
+    "DROP": rf"\s*(?:TEMPORARY\s+)?TABLE\s+(?:IF\s+EXISTS\s+)?{_NAME}",
+    "SAVEPOINT": rf"\s+(?:TO\s+)?(?:SAVEPOINT\s+)?{_NAME}",
 }
-_SAVEPOINT_NAME = re.compile(rf"\s+(?:TO\s+)?(?:SAVEPOINT\s+)?{_NAME}", re.I)
+
+
+def _savepoint_name(sql: str, start: int) -> re.Match[str] | None:
+    pattern = _pattern("SAVEPOINT")
+    assert pattern is not None
+    return pattern.match(sql, start, PREFIX)
+
+
+@functools.cache
+def _pattern(kind: str) -> re.Pattern[str] | None:
+    """The pattern that finds the table (or savepoint) after ``kind``'s keyword.
+
+    Compiled when first needed: compiling them all costs more than the rest
+    of ``%load_ext``, and a session that never writes in a transaction needs none.
+    """
+    pattern = _TABLE_PATTERNS.get(kind)
+    return None if pattern is None else re.compile(pattern, re.I)
+
+
 _WITH_WRITE = re.compile(r"\b(INSERT|UPDATE|DELETE|MERGE)\b", re.I)
 
 _cache: dict[Any, Action] = {}
@@ -151,17 +168,17 @@ def classify(sql: object) -> Action:
         found = _WITH_WRITE.search(sql)  # the whole statement: the write comes after the CTEs
         return (_WRITE, found.group(1).upper(), None) if found else (_READ, kind, None)
     if kind == "ROLLBACK":
-        name = _SAVEPOINT_NAME.match(sql, rest, PREFIX)
+        name = _savepoint_name(sql, rest)
         if name is None or sql[rest : name.start(1)].strip().upper() in ("", "WORK"):
             return (_END, kind, None)
         return (_ROLLBACK_TO, _unquote(name.group(1)), None)
     control = _CONTROL.get(kind)
     if control in (_SAVEPOINT, _RELEASE):
-        name = _SAVEPOINT_NAME.match(sql, rest, PREFIX)
+        name = _savepoint_name(sql, rest)
         return (control, _unquote(name.group(1)) if name else "", None)
     if control is not None:
         return (control, kind, None)
-    table_pattern = _TABLES.get(kind)
+    table_pattern = _pattern(kind)
     table = table_pattern.match(sql, rest, PREFIX) if table_pattern else None
     return (_WRITE, kind, _unquote(table.group(1)) if table else None)
 
