@@ -13,13 +13,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from IPython.core.error import UsageError
-from IPython.core.shellapp import InteractiveShellApp
 
 from ipy_dbreset.magics import EVENTS, DBReset, ran_a_cell
 from ipy_dbreset.options import BadOption
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
+    from IPython.core.shellapp import InteractiveShellApp
 
 
 def _loaded(ipython: InteractiveShell) -> DBReset | None:
@@ -38,6 +38,9 @@ def _start_up_app(shell: InteractiveShell) -> InteractiveShellApp | None:
     if ran_a_cell(shell) or shell.displayhook.exec_result is not None:
         return None  # in a cell: %load_ext, or exec_lines
     parent = shell.parent
+    # Only a failed load gets here: no need to import the application module before.
+    from IPython.core.shellapp import InteractiveShellApp
+
     while parent is not None and not isinstance(parent, InteractiveShellApp):
         parent = parent.parent
     return parent
