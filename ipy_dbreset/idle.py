@@ -329,6 +329,9 @@ class IdleKeeper:
             elif not seen[1] and now - seen[0] >= self.long_transaction:
                 seen[1] = True
                 what = open_work(wrapper) or "a transaction"
+                tally = ledger.tally_of(wrapper)
+                if tally is not None and tally.writes:
+                    what += f" with {ledger.writes_text(tally, unsaved=False)}"
                 said.append(
                     (
                         1,

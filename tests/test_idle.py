@@ -175,8 +175,8 @@ def test_long_transaction_is_pointed_out_once_and_left_alone(
     wait_for(lambda: time.monotonic() - since > 1.2, "a second passed")
     cell = kernel.ok("1 + 1")
     assert cell.notices == [
-        "ipy_dbreset: still open after 1 s: a manual transaction on db 'default'; "
-        "it holds its locks until it ends"
+        "ipy_dbreset: still open after 1 s: a manual transaction with 1 write "
+        "(INSERT shop_order) on db 'default'; it holds its locks until it ends"
     ], cell.notices
     assert kernel.ok("2 + 2").notices == []
     kernel.ok("transaction.commit(); transaction.set_autocommit(True)")
@@ -188,7 +188,9 @@ def test_long_transaction_is_pointed_out_once_and_left_alone(
     wait_for(lambda: time.monotonic() - since > 1.2, "a second passed")
     cell = kernel.ok("block.__exit__(None, None, None)")
     assert any(
-        "still open after 1 s: an atomic block on db 'default'" in n for n in cell.notices
+        "still open after 1 s: an atomic block with 1 write (INSERT shop_order) on db 'default'"
+        in n
+        for n in cell.notices
     ), cell.notices
     assert kernel.ok("Order.objects.count()").value() == 2
     assert kernel.failed == 0
