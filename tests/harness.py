@@ -270,6 +270,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_ipython(
+    args: list[str], code: str, *, cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run a terminal ``ipython --no-banner --colors=NoColor ARGS -c CODE`` in ``cwd``."""
+    return subprocess.run(
+        [sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", *args, "-c", code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def run_shell(
     cells: list[str],
     cwd: Path,

@@ -13,8 +13,6 @@ it, which would make arbitrary text run arbitrary code.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from typing import TYPE_CHECKING
 
 import pytest
@@ -24,7 +22,7 @@ from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
 from conftest import release_connections
-from harness import assert_loaded, clean_env, make_project, run, run_shell
+from harness import assert_loaded, clean_env, make_project, run, run_ipython, run_shell
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -280,23 +278,8 @@ def test_bad_configuration_at_start_up_is_one_message_with_a_way_back(
         "print('callbacks', len(get_ipython().events.callbacks['pre_run_cell']))\n"
         "%dbstatus\n"
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "IPython",
-            "--no-banner",
-            "--colors=NoColor",
-            *arguments,
-            "-c",
-            cells,
-        ],
-        cwd=project / "notebooks",
-        env=clean_env(IPYTHONDIR=str(ipython_dir)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    done = run_ipython(
+        arguments, cells, cwd=project / "notebooks", env=clean_env(IPYTHONDIR=str(ipython_dir))
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -325,23 +308,11 @@ def test_start_up_failure_honours_reraise_ipython_extension_failures(
     arguments = ["--ext", "ipy_dbreset"]
     if reraise:
         arguments.append("--InteractiveShellApp.reraise_ipython_extension_failures=True")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "IPython",
-            "--no-banner",
-            "--colors=NoColor",
-            *arguments,
-            "-c",
-            "print('the shell ran')",
-        ],
+    done = run_ipython(
+        arguments,
+        "print('the shell ran')",
         cwd=nowhere,
         env=clean_env(IPYTHONDIR=str(tmp_path / "ipython")),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
     output = done.stdout + done.stderr
     said = [line for line in output.splitlines() if "no Django settings found" in line]

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from typing import TYPE_CHECKING
 
 import pytest
 
-from harness import DEMO, clean_env, run, run_shell
+from harness import DEMO, clean_env, run, run_ipython, run_shell
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -37,26 +35,8 @@ ORM = "from shop.models import Order\nprint('ORDERS', Order.objects.count())\n"
 def ipython(args: list[str], code: str, *, env: dict[str, str], tmp_path: Path) -> str:
     """Run ``ipython ARGS -c CODE`` in the demo project; return everything it printed."""
     (tmp_path / "ipython").mkdir(exist_ok=True)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "IPython",
-            f"--ipython-dir={tmp_path / 'ipython'}",
-            "--no-banner",
-            "--colors=NoColor",
-            "--HistoryManager.hist_file=:memory:",
-            *args,
-            "-c",
-            code,
-        ],
-        cwd=DEMO,
-        env=clean_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    options = [f"--ipython-dir={tmp_path / 'ipython'}", "--HistoryManager.hist_file=:memory:"]
+    done = run_ipython([*options, *args], code, cwd=DEMO, env=clean_env(**env))
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Traceback" not in output and "Error" not in output, output

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +23,7 @@ from harness import (
     clean_env,
     make_project,
     mark,
+    run_ipython,
     run_shell,
     write_settings,
 )
@@ -341,25 +340,7 @@ def test_start_up_extension_without_a_project_says_so_in_one_message(tmp_path: P
         "%reload_ext ipy_dbreset\n"
         "print('callbacks', len(get_ipython().events.callbacks['pre_run_cell']))\n"
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "IPython",
-            "--no-banner",
-            "--colors=NoColor",
-            "--ext",
-            "ipy_dbreset",
-            "-c",
-            cells,
-        ],
-        cwd=nowhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_ipython(["--ext", "ipy_dbreset"], cells, cwd=nowhere, env=env)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Traceback" not in output
