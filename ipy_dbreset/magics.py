@@ -307,9 +307,8 @@ class DBReset(Magics):
                 self._set_async_unsafe = True
                 self._say(
                     Notice(
-                        "ORM calls allowed in this kernel's event loop "
-                        f"(set {ASYNC_UNSAFE_VARIABLE}=true; opt out with "
-                        "%config DBReset.allow_async_unsafe = False)",
+                        f"{ASYNC_UNSAFE_VARIABLE} is now true, so ORM calls work in this "
+                        "kernel's event loop (opt out: %config DBReset.allow_async_unsafe = False)",
                         "info",
                     )
                 )
