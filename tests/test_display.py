@@ -96,7 +96,12 @@ def test_terminated_idle_connection_says_nothing_was_lost_in_one_short_line(pg, 
     assert len(notice) <= 115, notice  # about 100: one line in a terminal or a notebook
 
 
-def test_cancelled_query_is_called_a_cancelled_query(pg, postgres_db):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_cancelled_query_is_called_a_cancelled_query(start_kernel, postgres_url, driver):
+    pg = start_kernel(postgres_url, driver, env=ZONE)
+    pg.ok("Order.objects.create(number=1)")
+    if driver == "psycopg2":  # otherwise psycopg2 waits for the server, deaf to the stop button
+        pg.ok("%config DBReset.interruptible_psycopg2 = True")
     pg.ok("transaction.set_autocommit(False)\nOrder.objects.create(number=2)")
     query = "SELECT pg_sleep(30)"
     cell = pg.interrupt_during(f"connection.cursor().execute({query!r})", 1.0)
