@@ -349,7 +349,7 @@ class DBReset(Magics):
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
         if self._held:
-            self._show_held()
+            self._show_held(info)
         if self.network is not None:
             self.network.guard.arm()
         if self._running:
@@ -451,8 +451,8 @@ class DBReset(Magics):
         else:
             display(notice)
 
-    def _show_held(self) -> None:
-        if ran_a_cell(self.shell):  # exec_lines at start-up run as cells: not yet
+    def _show_held(self, info: ExecutionInfo) -> None:
+        if ran_a_cell(self.shell, info):  # exec_lines at start-up run as cells: not yet
             held, self._held = self._held, []
             for notice in held:
                 display(notice)
@@ -596,7 +596,18 @@ def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
     raise UsageError(f"%{name}: {message}; see %{name}?")
 
 
-def ran_a_cell(shell: InteractiveShell | None) -> bool:
-    """Whether the shell has started a cell of the user's (exec_lines at start-up are not)."""
-    # Counted as a cell starts (before pre_run_cell), for cells kept in the history.
-    return shell is not None and shell.execution_count > 1
+def ran_a_cell(shell: InteractiveShell | None, info: ExecutionInfo | None = None) -> bool:
+    """Whether a cell of the user's has started (exec_lines at start-up are not: they
+    are not kept in the history).
+
+    ``info``: the cell that is starting, as ``pre_run_cell`` gets it.
+    """
+    if shell is None:
+        return False
+    if info is None:  # within a cell: the one running, if any (unset before pre_run_cell)
+        running = shell.displayhook.exec_result
+        info = None if running is None else running.info
+    if info is not None and info.store_history:
+        return True
+    # IPython 9 counts a cell as it starts, IPython 8 as it ends.
+    return shell.execution_count > 1

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from conftest import DRIVERS
 from harness import DEMO, clean_env, run, run_ipython, run_shell
 
 if TYPE_CHECKING:
@@ -337,6 +338,7 @@ def test_unload_in_a_terminal_says_nothing(sqlite_url: str, tmp_path: Path) -> N
 DRIVERS_LOADED = "import sys\nprint('DRIVERS', 'psycopg2' in sys.modules, 'psycopg' in sys.modules)"
 
 
+@pytest.mark.skipif("psycopg" not in DRIVERS, reason="psycopg 3 is not installed")
 def test_psycopg3_project_never_imports_psycopg2(postgres_url: str, tmp_path: Path) -> None:
     """psycopg2, installed alongside, stays unimported: nothing in the session needs it."""
     session = run_shell(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from harness import (
+    AS_NOBODY,
     ROOT,
     SETTINGS,
     WHICH,
@@ -509,6 +512,12 @@ def shared_tmp() -> Iterator[Path]:
     """A folder the unprivileged ``nobody`` user can write to (tmp_path is root's only)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run the shell as another user")
+    # An interpreter under root's home (pyenv's shared libpython) may not start for nobody.
+    probe = subprocess.run(
+        [*AS_NOBODY, sys.executable, "-c", "import IPython"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"{sys.executable} does not start as nobody: {probe.stderr.decode()[:200]}")
     folder = Path(tempfile.mkdtemp(prefix="ipy_dbreset-"))
     folder.chmod(0o777)
     yield folder
