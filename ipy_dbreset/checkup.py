@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import deque
-from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import Error, connections
 
@@ -43,8 +42,7 @@ def _manual_transactions(wrapper: BaseDatabaseWrapper) -> None:
     wrapper.set_autocommit(False)
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(NamedTuple):
     """A connection whose repair (or reset) itself failed, and the database's error."""
 
     alias: str
@@ -72,8 +70,7 @@ class Repairs(weakref.WeakKeyDictionary["BaseDatabaseWrapper", Repair]):
         self.history.append(repair)
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What one check (or reset) did: false when there is nothing to tell.
 
     Failures do not stop a run: one connection the database refuses to roll
@@ -100,8 +97,7 @@ class Outcome:
 HEALTHY = Outcome(healthy=True)
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(NamedTuple):
     """One connection in use, as ``%dbstatus`` shows it; read locally, never connecting."""
 
     thread: str | None
@@ -363,7 +359,7 @@ class Checkup:
             if key not in repaired:
                 early[key, record.action] = record  # once per connection and kind
                 self._last[wrapper] = record
-        return replace(outcome, repairs=(*early.values(), *done), healthy=False)
+        return outcome._replace(repairs=(*early.values(), *done), healthy=False)
 
     def _fix(
         self,

@@ -14,7 +14,6 @@ touches a connection: the functions work on plain data (repairs, statuses).
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -39,12 +38,21 @@ _KINDS = {
 }
 
 
-@dataclass(frozen=True)
 class Notice:
-    """What was done, for the user: one line per thing, in both worlds."""
+    """What was done, for the user: one line per thing, in both worlds.
 
-    text: str
-    kind: str = "repair"
+    A plain class, not a named tuple: IPython's text formatter would show a
+    tuple's fields instead of the notice.
+    """
+
+    __slots__ = ("kind", "text")
+
+    def __init__(self, text: str, kind: str = "repair") -> None:
+        self.text = text  # one line per thing done or found
+        self.kind = kind  # "repair", "info" or "error": the colour it is shown in
+
+    def __repr__(self) -> str:
+        return f"Notice({self.text!r}, {self.kind!r})"
 
     @property
     def lines(self) -> list[str]:

@@ -9,9 +9,8 @@ local sign of trouble, or an explicit ``suspect=True``, may buy one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ipy_dbreset.drivers import Liveness, Transaction, driver_for
 from ipy_dbreset.ledger import status_text, tally_of
@@ -32,8 +31,7 @@ class Problem(Enum):
 _CLOSED_IN_BLOCK = "the connection was closed mid-transaction"
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """A broken connection and why it is judged so."""
 
     problem: Problem
@@ -94,8 +92,7 @@ def open_work(wrapper: BaseDatabaseWrapper) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     """What ``%dbstatus`` shows of a connection; read locally, never connecting."""
 
     alias: str

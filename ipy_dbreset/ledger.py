@@ -50,8 +50,7 @@ from __future__ import annotations
 import functools
 import re
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import Error
 
@@ -183,8 +182,7 @@ def classify(sql: object) -> Action:
     return (_WRITE, kind, _unquote(table.group(1)) if table else None)
 
 
-@dataclass(frozen=True)
-class Tally:
+class Tally(NamedTuple):
     """Writes of a transaction (or part of one): counted, and itemised by kind and table."""
 
     writes: int

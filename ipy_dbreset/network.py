@@ -35,8 +35,7 @@ import struct
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ipy_dbreset.drivers import driver_for
 
@@ -66,15 +65,14 @@ _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _UNBOUNDED_IDLE = 60
 
 
-@dataclass(frozen=True)
-class Keepalive:
+class Keepalive(NamedTuple):
     """Socket options that end a connection after ``bound`` seconds of network silence."""
 
     idle: int
     """Seconds of silence before the first probe."""
     interval: int | None
     """Seconds between probes (``None``: the system's)."""
-    count: int | None
+    probes: int | None
     """Unanswered probes that end the connection (``None``: the system's)."""
     user_timeout: int
     """Milliseconds data may stay unacknowledged before the connection ends (0: no limit)."""
@@ -84,19 +82,18 @@ class Keepalive:
         if bound <= 0:
             return cls(_UNBOUNDED_IDLE, None, None, 0)
         idle = max(1, bound // 2)
-        count = 3
-        interval = max(1, (bound - idle) // count)
-        return cls(idle, interval, count, bound * 1000)
+        probes = 3
+        interval = max(1, (bound - idle) // probes)
+        return cls(idle, interval, probes, bound * 1000)
 
 
-@dataclass(frozen=True)
-class SocketState:
+class SocketState(NamedTuple):
     """The keepalive options a connection's socket has now, as ``%dbstatus`` shows them."""
 
     keepalive: bool
     idle: int | None
     interval: int | None
-    count: int | None
+    probes: int | None
     user_timeout: int | None
     users: bool
     """The database's ``OPTIONS`` chose them (ours were not applied)."""
@@ -108,8 +105,8 @@ class SocketState:
             text = "on"
             if self.idle is not None:
                 text += f", after {self.idle}s"
-            if self.interval is not None and self.count is not None:
-                text += f", {self.count} probes {self.interval}s apart"
+            if self.interval is not None and self.probes is not None:
+                text += f", {self.probes} probes {self.interval}s apart"
         if self.user_timeout:
             text += f", timeout {self.user_timeout / 1000:g}s"
         return text + (" (OPTIONS)" if self.users else "")
@@ -195,8 +192,8 @@ class Network:
                     sock.setsockopt(_TCP, _KEEPIDLE, options.idle)
                 if _KEEPINTVL is not None and options.interval is not None:
                     sock.setsockopt(_TCP, _KEEPINTVL, options.interval)
-                if _KEEPCNT is not None and options.count is not None:
-                    sock.setsockopt(_TCP, _KEEPCNT, options.count)
+                if _KEEPCNT is not None and options.probes is not None:
+                    sock.setsockopt(_TCP, _KEEPCNT, options.probes)
                 if _USER_TIMEOUT is not None:
                     sock.setsockopt(_TCP, _USER_TIMEOUT, options.user_timeout)
         except OSError as exc:  # the socket closed under us, or an option is refused
@@ -218,7 +215,7 @@ class Network:
                     keepalive=bool(get(socket.SOL_SOCKET, socket.SO_KEEPALIVE)),
                     idle=get(_TCP, _KEEPIDLE),
                     interval=get(_TCP, _KEEPINTVL),
-                    count=get(_TCP, _KEEPCNT),
+                    probes=get(_TCP, _KEEPCNT),
                     user_timeout=get(_TCP, _USER_TIMEOUT),
                     users=_chose_their_own(wrapper),
                 )
@@ -238,8 +235,7 @@ _SILENT_MS = 1000  # no acknowledgement for this long while data or a probe wait
 _PROBE_SECONDS = 2.0  # a keepalive probe is sent within 1 s; allow 1 s for its answer
 
 
-@dataclass(frozen=True)
-class PathInfo:
+class PathInfo(NamedTuple):
     established: bool
     retransmits: int
     probes: int

@@ -23,10 +23,9 @@ import logging
 import operator
 import os
 import sys
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -53,8 +52,7 @@ SHELL_ARGV = ("manage.py", "shell")
 _VARIABLES = (SETTINGS_VARIABLE, CONFIGURATION_VARIABLE)
 
 
-@dataclass(frozen=True)
-class ManagePy:
+class ManagePy(NamedTuple):
     """What a ``manage.py`` sets when it runs as ``manage.py shell``, read without running it."""
 
     path: Path
@@ -85,8 +83,7 @@ class Source(Enum):
     """What the nearest ``manage.py`` sets for ``manage.py shell`` (:attr:`Setup.manage_py`)."""
 
 
-@dataclass(frozen=True)
-class Setup:
+class Setup(NamedTuple):
     """How Django came to be set up."""
 
     settings_module: str
@@ -115,8 +112,7 @@ class Setup:
         return text
 
 
-@dataclass(frozen=True)
-class _RunTime:
+class _RunTime(NamedTuple):
     """A value that only running manage.py would tell."""
 
     line: int

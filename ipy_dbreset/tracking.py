@@ -40,8 +40,7 @@ import sys
 import threading
 import weakref
 from concurrent.futures import thread as futures_thread
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from django.db import connections
 from django.db.backends.signals import connection_created
@@ -134,8 +133,7 @@ def touching(wrapper: BaseDatabaseWrapper, action: Callable[[], T]) -> T:
     return outside_event_loop(borrowing)
 
 
-@dataclass(frozen=True)
-class Tracked:
+class Tracked(NamedTuple):
     """A connection and the thread that owns it (``None``: the shell's own thread)."""
 
     wrapper: BaseDatabaseWrapper
