@@ -90,7 +90,6 @@ class Setup(NamedTuple):
     source: Source
     manage_py: Path | None = None
     """The ``manage.py`` read for the settings (only with :attr:`Source.MANAGE_PY`)."""
-    added_to_path: str | None = None
     environment: tuple[str, ...] = ()
     """The environment variables this setup wrote."""
 
@@ -441,6 +440,7 @@ def setup_django(settings_module: str | None = None) -> Setup:
         if project not in sys.path:
             sys.path.insert(0, project)
             path_entry = project
+            log.debug("ipy_dbreset: %s added to sys.path, as manage.py would have it", project)
 
     written: dict[str, str | None] = {}
 
@@ -470,7 +470,7 @@ def setup_django(settings_module: str | None = None) -> Setup:
         # The message keeps the error's first line; the rest is for the log.
         log.debug("ipy_dbreset: Django's setup with %s failed", module, exc_info=True)
         raise ProjectError(_failed_message(module, _origin(source, read), exc)) from None
-    return Setup(module, source, read, path_entry, tuple(written))
+    return Setup(module, source, read, tuple(written))
 
 
 def _origin(source: Source, manage_py: Path | None) -> str:
