@@ -21,9 +21,10 @@ Configure it like any IPython extension, with ``%config`` or in
 Everything that judges, repairs and describes connections is the engine's
 (:class:`~ipy_dbreset.checkup.Checkup`) and :mod:`ipy_dbreset.display`'s; this
 module holds one ``Checkup`` and connects it to the shell.  Around it, the
-rest of the IPython side: :mod:`ipy_dbreset.options` (what a refused value
-says), :mod:`ipy_dbreset.interrupts` (Ctrl-C during a repair) and
-:mod:`ipy_dbreset.extension` (load and unload).
+rest of the IPython side: :mod:`ipy_dbreset.output` (what the user sees:
+notices, and no ``Out[n]`` for ``%dbreset``), :mod:`ipy_dbreset.options` (what
+a refused value or argument says), :mod:`ipy_dbreset.interrupts` (Ctrl-C
+during a repair) and :mod:`ipy_dbreset.extension` (load and unload).
 """
 
 from __future__ import annotations
@@ -38,23 +39,14 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import display
 from traitlets import Bool, Enum, Int, TraitError, Unicode, observe
 
-from ipy_dbreset.checkup import Checkup, Outcome
-from ipy_dbreset.display import (
-    Notice,
-    Table,
-    failure_notice,
-    history_table,
-    repair_notice,
-    reset_notice,
-    skipped_notice,
-    status_table,
-)
+from ipy_dbreset.checkup import Checkup
+from ipy_dbreset.display import Notice, Table, history_table, reset_notice, status_table
 from ipy_dbreset.interrupts import StopCell, interrupts_held
 from ipy_dbreset.network import Network
 from ipy_dbreset.options import BadOption, Seconds, Verbosity, explain
+from ipy_dbreset.output import Output, ResetResult
 from ipy_dbreset.project import (
     ASYNC_UNSAFE_VARIABLE,
     ProjectError,
@@ -66,37 +58,14 @@ from ipy_dbreset.tracking import in_event_loop
 
 if TYPE_CHECKING:
     from argparse import Namespace
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
 
-    from IPython.core.displayhook import DisplayHook
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
-
-    from ipy_dbreset.idle import Said
-    from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
 
 EVENTS = ("pre_run_cell", "post_run_cell")
-
-
-class ResetResult(list["Repair"]):
-    """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset.
-
-    ``.left``: (alias, thread) of the connections left alone because their
-    thread was using them; ``.failed``: those that could not be reset, with the
-    database's error.  Shown later (``result`` alone in a cell), it shows the
-    notice; the cell that ran the magic does not show it as its output.
-    """
-
-    def __init__(self, outcome: Outcome, notice: Notice) -> None:
-        super().__init__(outcome.repairs)
-        self.notice = notice
-        self.left = list(outcome.skipped)
-        self.failed = list(outcome.failures)
-
-    def _ipython_display_(self) -> None:
-        display(self.notice)
 
 
 @magics_class
@@ -190,12 +159,16 @@ class DBReset(Magics):
         self.network: Network | None = None  # keepalive and the stop button's path check
         # What start() changed in the process, for stop() to undo.
         self._set_async_unsafe = self._set_wait_callback = False
-        # The displayhook that %dbreset set aside for the rest of its cell (see
-        # _not_as_output), and the results it keeps from showing as Out[n].
-        self._displayhook: DisplayHook | None = None
-        self._hidden: list[ResetResult] = []
-        # Set while an interrupt held back before a cell waits for that cell.
-        self._stop_cell: StopCell | None = None
+        # What lasts only for the running cell (%dbreset's result kept out of
+        # Out[n], an interrupt waiting to stop the cell): what undoes each, run
+        # as the cell ends.
+        self._at_cell_end: list[Callable[[], None]] = []
+        # What the user sees: notices at the verbosity asked for (kept in step
+        # by _verbosity_changed), held back while a kernel starts up.
+        self._output = Output(
+            shell, verbosity=type(self).verbosity.default_value, at_cell_end=self._at_cell_end
+        )
+        self._say = self._output.say
         # What the callbacks do, read as plain attributes around every cell
         # (trait reads cost more than judging a healthy connection): whether
         # to check, the checkup's fast path and its full check.
@@ -203,9 +176,6 @@ class DBReset(Magics):
         self._healthy = self.checkup.healthy
         self._check_all = self.checkup.check_all
         self._before_cell, self._after_cell = self.checkup.before_cell, self.checkup.after_cell
-        # Said while a kernel started up, before any cell could show it: shown
-        # with the first cell's output.
-        self._held: list[Notice] = []
         try:
             super().__init__(shell=shell, **kwargs)
         except (TraitError, ValueError) as exc:  # ValueError: a bad --DBReset.x=... string
@@ -232,9 +202,9 @@ class DBReset(Magics):
         if setup.source is not Source.ALREADY_SET_UP:
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
             log.info("ipy_dbreset: %s", setup.describe())
-            self._say(Notice(setup.describe(), "info"))
+            self._say(setup.describe())
         else:
-            self._say(Notice(f"using Django as it was set up ({setup.settings_module})", "info"), 2)
+            self._say(f"using Django as it was set up ({setup.settings_module})", 2)
         self._apply_async_unsafe()
         self._apply_interruptible()
 
@@ -247,7 +217,8 @@ class DBReset(Magics):
             self.checkup.stop()
             self._running = False
             self._switches_changed()
-        self._forget_cell_state()
+        while self._at_cell_end:
+            self._at_cell_end.pop()()
         undone = []
         if self._set_async_unsafe:
             allow_async_unsafe(False)
@@ -261,7 +232,7 @@ class DBReset(Magics):
         if undone:
             # The process is not as it was while loaded: the next ORM call may fail.
             log.info("ipy_dbreset: unloaded; %s", "; ".join(undone))
-            self._say(Notice(f"unloaded; {'; '.join(undone)}", "info"))
+            self._say(f"unloaded; {'; '.join(undone)}")
 
     def _psycopg2_interruptible(self, on: bool) -> bool:
         """Set or remove psycopg2's wait callback (only ours); whether anything changed."""
@@ -282,7 +253,7 @@ class DBReset(Magics):
     def _apply_interruptible(self, change: Bunch | None = None) -> None:
         if self._running and self._psycopg2_interruptible(self.interruptible_psycopg2):
             state = "can" if self.interruptible_psycopg2 else "cannot"
-            self._say(Notice(f"the stop button {state} cancel psycopg2 queries now", "info"))
+            self._say(f"the stop button {state} cancel psycopg2 queries now")
 
     def _resets_sigint(self) -> bool:
         """Whether the shell puts its own SIGINT handler back around every cell.
@@ -306,16 +277,13 @@ class DBReset(Magics):
             if self._in_kernel() and allow_async_unsafe(True):
                 self._set_async_unsafe = True
                 self._say(
-                    Notice(
-                        f"{ASYNC_UNSAFE_VARIABLE} is now true, so ORM calls work in this "
-                        "kernel's event loop (opt out: %config DBReset.allow_async_unsafe = False)",
-                        "info",
-                    )
+                    f"{ASYNC_UNSAFE_VARIABLE} is now true, so ORM calls work in this "
+                    "kernel's event loop (opt out: %config DBReset.allow_async_unsafe = False)"
                 )
         elif self._set_async_unsafe:
             allow_async_unsafe(False)
             self._set_async_unsafe = False
-            self._say(Notice(f"{ASYNC_UNSAFE_VARIABLE} removed", "info"))
+            self._say(f"{ASYNC_UNSAFE_VARIABLE} removed")
 
     @observe("idle_release", "long_transaction")
     def _idle_changed(self, change: Bunch | None = None) -> None:
@@ -341,6 +309,10 @@ class DBReset(Magics):
         self._check_after = self._running and self.auto_repair
         self._check_before = self._check_after and self.check_before_cell
 
+    @observe("verbosity")
+    def _verbosity_changed(self, change: Bunch) -> None:
+        self._output.verbosity = change["new"]
+
     # -- callbacks -----------------------------------------------------------
 
     # Both run around every cell: they read plain attributes and do nothing
@@ -348,14 +320,14 @@ class DBReset(Magics):
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
-        if self._held:
-            self._show_held(info)
+        if self._output.held:
+            self._output.show_held(info)
         if self.network is not None:
             self.network.guard.arm()
         if self._running:
             said = self._before_cell()
             if said:
-                self._say_all(said)
+                self._output.say_all(said)
         if self._check_before:
             try:
                 if not self._healthy(listen=True, failed=False):
@@ -367,13 +339,13 @@ class DBReset(Magics):
         """Repair what the cell (or the display of its result) left broken."""
         if self.network is not None:
             self.network.guard.cell_over()
-        if self._displayhook is not None or self._stop_cell is not None:
-            self._forget_cell_state()
+        while self._at_cell_end:  # a displayhook set aside, a cell to stop
+            self._at_cell_end.pop()()
         if self._running:
             # Before the checkup, which takes the marks of the connections the cell used.
             said = self._after_cell()
             if said:
-                self._say_all(said)
+                self._output.say_all(said)
         if self._check_after:
             error = None if result is None else result.error_in_exec
             # A cell that raised nothing can only have left a trace in the
@@ -397,14 +369,7 @@ class DBReset(Magics):
                     Notice("interrupted before the repair was done; run %dbreset", "error"), 0
                 )
             else:
-                if outcome.failures:
-                    failures = "; ".join(f.describe() for f in outcome.failures)
-                    log.warning("ipy_dbreset: repair failed: %s", failures)
-                    self._say(failure_notice(outcome), 0)
-                elif outcome.repairs:
-                    self._say(repair_notice(outcome.repairs))
-                if outcome.skipped:
-                    self._say(skipped_notice(outcome), 2)
+                self._output.checked(outcome)
         if interrupts:
             self._pass_on_interrupt(before_cell=before_cell)
 
@@ -420,42 +385,16 @@ class DBReset(Magics):
             except KeyboardInterrupt:
                 pass
         if before_cell and self.shell is not None:
-            self._stop_cell = StopCell()
-            self.shell.ast_transformers.append(self._stop_cell)
+            transformers, stop = self.shell.ast_transformers, StopCell()
+            transformers.append(stop)
+
+            def withdraw() -> None:
+                if stop in transformers:
+                    transformers.remove(stop)
+
+            self._at_cell_end.append(withdraw)
         else:
             log.info("ipy_dbreset: interrupt after the cell ignored")
-
-    def _forget_cell_state(self) -> None:
-        """Undo what lasts only for one cell (a displayhook set aside, a cell to stop)."""
-        if self._displayhook is not None:
-            if getattr(sys.displayhook, "__self__", None) is self:  # not put back by the cell
-                sys.displayhook = self._displayhook
-            self._displayhook, self._hidden = None, []
-        if self._stop_cell is not None:
-            if self.shell is not None and self._stop_cell in self.shell.ast_transformers:
-                self.shell.ast_transformers.remove(self._stop_cell)
-            self._stop_cell = None
-
-    def _say_all(self, said: Sequence[Said]) -> None:
-        for level, text in said:
-            self._say(Notice(text, "info"), level)
-
-    def _say(self, notice: Notice, level: int = 1) -> None:
-        """Show ``notice`` if ``verbosity`` is at least ``level`` (0: always)."""
-        if self.verbosity < level:
-            return
-        if getattr(self.shell, "kernel", None) is not None and not ran_a_cell(self.shell):
-            # Sent now, it would belong to no cell and no notebook would show it.
-            # A terminal shows it as it is printed.
-            self._held.append(notice)
-        else:
-            display(notice)
-
-    def _show_held(self, info: ExecutionInfo) -> None:
-        if ran_a_cell(self.shell, info):  # exec_lines at start-up run as cells: not yet
-            held, self._held = self._held, []
-            for notice in held:
-                display(notice)
 
     # -- magics --------------------------------------------------------------
 
@@ -502,36 +441,8 @@ class DBReset(Magics):
         result = ResetResult(outcome, reset_notice(outcome, aliases))
         if not args.quiet or outcome.failures:  # the connection is still broken: say so
             self._say(result.notice, 0)
-        self._not_as_output(result)
+        self._output.not_as_output(result)
         return result
-
-    def _not_as_output(self, result: ResetResult) -> None:
-        """Keep this cell from showing ``result`` as its output if it ends with the magic.
-
-        The notice is said already (or unwanted, ``-q``).  Even a result that
-        displays nothing gets an empty ``Out[n]:`` line in a terminal: the
-        displayhook writes the prompt before it formats.  So, for the rest of
-        the cell, ``sys.displayhook`` skips ``result`` and passes every other
-        value on (the cell's display trap puts the shell's own back after it).
-        """
-        if getattr(sys.displayhook, "__self__", None) is self:
-            self._hidden.append(result)  # another %dbreset in the same cell
-        elif self.shell is not None and sys.displayhook is self.shell.displayhook:
-            # (otherwise not in a cell: there is no Out[n] to keep quiet)
-            self._displayhook, self._hidden = self.shell.displayhook, [result]
-            sys.displayhook = self._display_unless_hidden
-
-    def _display_unless_hidden(self, value: object) -> None:
-        hook = self._displayhook
-        if hook is None:  # the cell is over; only a stray reference calls this
-            sys.__displayhook__(value)
-        elif value is None or not any(value is hidden for hidden in self._hidden):
-            hook(value)
-        elif not hook.quiet():
-            # What DisplayHook.__call__ (IPython 8, 9) does besides showing the
-            # value: _, Out[n] and the cell's result stay as usual.
-            hook.update_user_ns(value)
-            hook.fill_exec_result(value)
 
     @magic_arguments()
     @argument(
@@ -594,20 +505,3 @@ def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
     except ValueError as exc:  # the line does not split, e.g. "No closing quotation"
         message = str(exc)
     raise UsageError(f"%{name}: {message}; see %{name}?")
-
-
-def ran_a_cell(shell: InteractiveShell | None, info: ExecutionInfo | None = None) -> bool:
-    """Whether a cell of the user's has started (exec_lines at start-up are not: they
-    are not kept in the history).
-
-    ``info``: the cell that is starting, as ``pre_run_cell`` gets it.
-    """
-    if shell is None:
-        return False
-    if info is None:  # within a cell: the one running, if any (unset before pre_run_cell)
-        running = shell.displayhook.exec_result
-        info = None if running is None else running.info
-    if info is not None and info.store_history:
-        return True
-    # IPython 9 counts a cell as it starts, IPython 8 as it ends.
-    return shell.execution_count > 1
