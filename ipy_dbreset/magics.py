@@ -30,22 +30,21 @@ during a repair) and :mod:`ipy_dbreset.extension` (load and unload).
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import threading
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Int, TraitError, Unicode, observe
 
 from ipy_dbreset.checkup import Checkup
 from ipy_dbreset.display import Notice, Table, history_table, reset_notice, status_table
-from ipy_dbreset.interrupts import StopCell, interrupts_held
+from ipy_dbreset.health import cancelled
+from ipy_dbreset.interrupts import in_kernel, interrupts_held, pass_on, resets_sigint
 from ipy_dbreset.network import Network
-from ipy_dbreset.options import BadOption, Seconds, Verbosity, explain
+from ipy_dbreset.options import BadOption, Seconds, Verbosity, explain, known_aliases, parse
 from ipy_dbreset.output import Output, ResetResult
 from ipy_dbreset.project import (
     ASYNC_UNSAFE_VARIABLE,
@@ -54,10 +53,8 @@ from ipy_dbreset.project import (
     allow_async_unsafe,
     setup_django,
 )
-from ipy_dbreset.tracking import in_event_loop
 
 if TYPE_CHECKING:
-    from argparse import Namespace
     from collections.abc import Callable
 
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
@@ -194,7 +191,7 @@ class DBReset(Magics):
             setup = setup_django(self.settings_module)
         except ProjectError as exc:
             raise UsageError(f"ipy_dbreset: {exc}") from None
-        self.network = Network(self.network_timeout, per_cell=self._resets_sigint())
+        self.network = Network(self.network_timeout, per_cell=resets_sigint(self.shell))
         self.checkup.start(on_created=self.network.tune)
         self._running = True
         self._switches_changed()
@@ -255,26 +252,12 @@ class DBReset(Magics):
             state = "can" if self.interruptible_psycopg2 else "cannot"
             self._say(f"the stop button {state} cancel psycopg2 queries now")
 
-    def _resets_sigint(self) -> bool:
-        """Whether the shell puts its own SIGINT handler back around every cell.
-
-        ipykernel does for each request, prompt_toolkit at each terminal prompt;
-        a plain InteractiveShell (embedded, scripted) leaves it alone.
-        """
-        terminal = sys.modules.get("IPython.terminal.interactiveshell")
-        if terminal is not None and isinstance(self.shell, terminal.TerminalInteractiveShell):
-            return True
-        return self._in_kernel()
-
-    def _in_kernel(self) -> bool:
-        return getattr(self.shell, "kernel", None) is not None or in_event_loop()
-
     @observe("allow_async_unsafe")
     def _apply_async_unsafe(self, change: Bunch | None = None) -> None:
         if not self._running:
             return
         if self.allow_async_unsafe:
-            if self._in_kernel() and allow_async_unsafe(True):
+            if in_kernel(self.shell) and allow_async_unsafe(True):
                 self._set_async_unsafe = True
                 self._say(
                     f"{ASYNC_UNSAFE_VARIABLE} is now true, so ORM calls work in this "
@@ -333,7 +316,7 @@ class DBReset(Magics):
                 if not self._healthy(listen=True, failed=False):
                     self._check(suspect=False, before_cell=True)
             except KeyboardInterrupt:  # the user stopped the cell as it began
-                self._pass_on_interrupt(before_cell=True)
+                pass_on(self.shell, before_cell=True, at_cell_end=self._at_cell_end)
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
@@ -352,7 +335,7 @@ class DBReset(Magics):
             # driver's and Django's state; the sockets are for the next check.
             # One that raised may have marked a block for rollback without a query.
             failed = error is not None
-            suspect = failed and (isinstance(error, KeyboardInterrupt) or _cancelled(error))
+            suspect = failed and (isinstance(error, KeyboardInterrupt) or cancelled(error))
             try:
                 if suspect or not self._healthy(listen=failed, failed=failed):
                     self._check(suspect=suspect, before_cell=False)
@@ -371,42 +354,9 @@ class DBReset(Magics):
             else:
                 self._output.checked(outcome)
         if interrupts:
-            self._pass_on_interrupt(before_cell=before_cell)
-
-    def _pass_on_interrupt(self, *, before_cell: bool) -> None:
-        """Let an interrupt held back (or caught) in a callback stop what it was meant to."""
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler) and handler is not signal.default_int_handler:
-            # Not KeyboardInterrupt: the shell has its own way (ipykernel cancels
-            # a cell with top-level await), which only it knows how to finish.
-            try:
-                handler(signal.SIGINT, None)
-                return
-            except KeyboardInterrupt:
-                pass
-        if before_cell and self.shell is not None:
-            transformers, stop = self.shell.ast_transformers, StopCell()
-            transformers.append(stop)
-
-            def withdraw() -> None:
-                if stop in transformers:
-                    transformers.remove(stop)
-
-            self._at_cell_end.append(withdraw)
-        else:
-            log.info("ipy_dbreset: interrupt after the cell ignored")
+            pass_on(self.shell, before_cell=before_cell, at_cell_end=self._at_cell_end)
 
     # -- magics --------------------------------------------------------------
-
-    def _aliases(self, names: list[str]) -> list[str]:
-        known = self.checkup.aliases()
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise UsageError(
-                f"unknown database alias {', '.join(map(repr, unknown))}; "
-                f"DATABASES has {', '.join(map(repr, known))}"
-            )
-        return list(dict.fromkeys(names))
 
     @magic_arguments()
     @argument("-q", "--quiet", action="store_true", help="Do not print what was done.")
@@ -435,8 +385,8 @@ class DBReset(Magics):
             %dbreset default replica
             result = %dbreset -q
         """
-        args = _parse(self.dbreset, "dbreset", line)
-        aliases = self._aliases(args.aliases) if args.aliases else None
+        args = parse(self.dbreset, "dbreset", line)
+        aliases = known_aliases(args.aliases, self.checkup.aliases()) if args.aliases else None
         outcome = self.checkup.reset(aliases)
         result = ResetResult(outcome, reset_notice(outcome, aliases))
         if not args.quiet or outcome.failures:  # the connection is still broken: say so
@@ -475,33 +425,10 @@ class DBReset(Magics):
             %dbstatus default
             %dbstatus --history      # what was repaired this session, and lost
         """
-        args = _parse(self.dbstatus, "dbstatus", line)
-        aliases = self._aliases(args.aliases) if args.aliases else None
+        args = parse(self.dbstatus, "dbstatus", line)
+        aliases = known_aliases(args.aliases, self.checkup.aliases()) if args.aliases else None
         if args.history:
             wanted = None if aliases is None else set(aliases)
             done = self.checkup.history()
             return history_table([r for r in done if wanted is None or r.alias in wanted])
         return status_table(self.checkup.status(aliases))
-
-
-def _cancelled(error: BaseException | None) -> bool:
-    """Whether the cell failed because its query was cancelled (the stop button, psycopg2).
-
-    PostgreSQL's SQLSTATE 57014, on the driver's error that Django wraps.
-    """
-    cause = getattr(error, "__cause__", None)
-    return any(
-        getattr(e, "pgcode", None) == "57014" or getattr(e, "sqlstate", None) == "57014"
-        for e in (error, cause)
-    )
-
-
-def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
-    """Parse a magic's arguments; any bad input is a UsageError that points to the help."""
-    try:
-        return parse_argstring(magic, line)  # type: ignore[no-any-return]
-    except UsageError as exc:  # argparse's own complaint, e.g. "unrecognized arguments: -x"
-        message = str(exc)
-    except ValueError as exc:  # the line does not split, e.g. "No closing quotation"
-        message = str(exc)
-    raise UsageError(f"%{name}: {message}; see %{name}?")

@@ -1,19 +1,25 @@
-"""Configuration values: traits that say what they accept, and one line for a refused value.
+"""Options and magic arguments: what they accept, and one line for a refused one.
 
 A value set in ``ipython_config.py`` or with ``%config`` before ``%load_ext``
 is read while the magics are made; traitlets would answer a bad one with a
 traceback.  :func:`explain` turns it into one line that names the option, the
-value and what the option accepts.
+value and what the option accepts.  A magic's bad arguments are a
+``UsageError`` in one sentence too (:func:`parse`, :func:`known_aliases`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import parse_argstring
 from traitlets import Bool, Enum, Float, Int, TraitError, TraitType
 from traitlets.config.loader import DeferredConfig
 
 if TYPE_CHECKING:
+    from argparse import Namespace
+    from collections.abc import Callable, Sequence
+
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Configurable
 
@@ -76,3 +82,25 @@ def explain(configurable: Configurable, shell: InteractiveShell | None, exc: Exc
                 f"expected {allowed(trait)}"
             )
     return f"{type(configurable).__name__} configuration is not valid: {str(exc).splitlines()[0]}"
+
+
+def parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
+    """Parse a magic's arguments; any bad input is a UsageError that points to the help."""
+    try:
+        return parse_argstring(magic, line)  # type: ignore[no-any-return,no-untyped-call]
+    except UsageError as exc:  # argparse's own complaint, e.g. "unrecognized arguments: -x"
+        message = str(exc)
+    except ValueError as exc:  # the line does not split, e.g. "No closing quotation"
+        message = str(exc)
+    raise UsageError(f"%{name}: {message}; see %{name}?")
+
+
+def known_aliases(names: Sequence[str], known: Sequence[str]) -> list[str]:
+    """``names`` once each, in order; a UsageError if ``DATABASES`` does not name one."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(
+            f"unknown database alias {', '.join(map(repr, unknown))}; "
+            f"DATABASES has {', '.join(map(repr, known))}"
+        )
+    return list(dict.fromkeys(names))
