@@ -24,7 +24,8 @@ module holds one ``Checkup`` and connects it to the shell.  Around it, the
 rest of the IPython side: :mod:`ipy_dbreset.output` (what the user sees:
 notices, and no ``Out[n]`` for ``%dbreset``), :mod:`ipy_dbreset.options` (what
 a refused value or argument says), :mod:`ipy_dbreset.interrupts` (Ctrl-C
-during a repair) and :mod:`ipy_dbreset.extension` (load and unload).
+during a repair), :mod:`ipy_dbreset.switches` (what is changed in the process,
+and turned back) and :mod:`ipy_dbreset.extension` (load and unload).
 """
 
 from __future__ import annotations
@@ -46,13 +47,8 @@ from ipy_dbreset.interrupts import in_kernel, interrupts_held, pass_on, resets_s
 from ipy_dbreset.network import Network
 from ipy_dbreset.options import BadOption, Seconds, Verbosity, explain, known_aliases, parse
 from ipy_dbreset.output import Output, ResetResult
-from ipy_dbreset.project import (
-    ASYNC_UNSAFE_VARIABLE,
-    ProjectError,
-    Source,
-    allow_async_unsafe,
-    setup_django,
-)
+from ipy_dbreset.project import ProjectError, Source, setup_django
+from ipy_dbreset.switches import Switches
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -154,8 +150,6 @@ class DBReset(Magics):
         self.checkup = Checkup(threading.current_thread())
         self._running = False  # between start() and stop()
         self.network: Network | None = None  # keepalive and the stop button's path check
-        # What start() changed in the process, for stop() to undo.
-        self._set_async_unsafe = self._set_wait_callback = False
         # What lasts only for the running cell (%dbreset's result kept out of
         # Out[n], an interrupt waiting to stop the cell): what undoes each, run
         # as the cell ends.
@@ -166,6 +160,9 @@ class DBReset(Magics):
             shell, verbosity=type(self).verbosity.default_value, at_cell_end=self._at_cell_end
         )
         self._say = self._output.say
+        # The process-wide switches (DJANGO_ALLOW_ASYNC_UNSAFE, psycopg2's wait
+        # callback) that start() and the options turn, for stop() to turn back.
+        self._switches = Switches(self._say)
         # What the callbacks do, read as plain attributes around every cell
         # (trait reads cost more than judging a healthy connection): whether
         # to check, the checkup's fast path and its full check.
@@ -216,57 +213,21 @@ class DBReset(Magics):
             self._switches_changed()
         while self._at_cell_end:
             self._at_cell_end.pop()()
-        undone = []
-        if self._set_async_unsafe:
-            allow_async_unsafe(False)
-            self._set_async_unsafe = False
-            undone.append(
-                f"{ASYNC_UNSAFE_VARIABLE} removed, so ORM calls in cells raise "
-                "SynchronousOnlyOperation again"
-            )
-        if self._psycopg2_interruptible(False):
-            undone.append("psycopg2's wait callback removed: the stop button waits for queries")
+        undone = self._switches.undo()
         if undone:
             # The process is not as it was while loaded: the next ORM call may fail.
             log.info("ipy_dbreset: unloaded; %s", "; ".join(undone))
             self._say(f"unloaded; {'; '.join(undone)}")
 
-    def _psycopg2_interruptible(self, on: bool) -> bool:
-        """Set or remove psycopg2's wait callback (only ours); whether anything changed."""
-        if on == self._set_wait_callback:
-            # Nothing to do: importing psycopg2 to find that out would cost most of
-            # the start-up of a psycopg 3 or SQLite project.
-            return False
-        try:
-            from ipy_dbreset.drivers.psycopg2 import make_interruptible
-        except ImportError:  # psycopg2 is not installed: nothing to make interruptible
-            return False
-        changed = make_interruptible(on)
-        if changed:
-            self._set_wait_callback = on
-        return changed
+    @observe("allow_async_unsafe")
+    def _apply_async_unsafe(self, change: Bunch | None = None) -> None:
+        if self._running:
+            self._switches.async_unsafe(self.allow_async_unsafe, in_kernel=in_kernel(self.shell))
 
     @observe("interruptible_psycopg2")
     def _apply_interruptible(self, change: Bunch | None = None) -> None:
-        if self._running and self._psycopg2_interruptible(self.interruptible_psycopg2):
-            state = "can" if self.interruptible_psycopg2 else "cannot"
-            self._say(f"the stop button {state} cancel psycopg2 queries now")
-
-    @observe("allow_async_unsafe")
-    def _apply_async_unsafe(self, change: Bunch | None = None) -> None:
-        if not self._running:
-            return
-        if self.allow_async_unsafe:
-            if in_kernel(self.shell) and allow_async_unsafe(True):
-                self._set_async_unsafe = True
-                self._say(
-                    f"{ASYNC_UNSAFE_VARIABLE} is now true, so ORM calls work in this "
-                    "kernel's event loop (opt out: %config DBReset.allow_async_unsafe = False)"
-                )
-        elif self._set_async_unsafe:
-            allow_async_unsafe(False)
-            self._set_async_unsafe = False
-            self._say(f"{ASYNC_UNSAFE_VARIABLE} removed")
+        if self._running:
+            self._switches.interruptible_psycopg2(self.interruptible_psycopg2)
 
     @observe("idle_release", "long_transaction")
     def _idle_changed(self, change: Bunch | None = None) -> None:
