@@ -155,10 +155,8 @@ class DBReset(Magics):
         # as the cell ends.
         self._at_cell_end: list[Callable[[], None]] = []
         # What the user sees: notices at the verbosity asked for (kept in step
-        # by _verbosity_changed), held back while a kernel starts up.
-        self._output = Output(
-            shell, verbosity=type(self).verbosity.default_value, at_cell_end=self._at_cell_end
-        )
+        # by _copy_options), held back while a kernel starts up.
+        self._output = Output(shell, at_cell_end=self._at_cell_end)
         self._say = self._output.say
         # The process-wide switches (DJANGO_ALLOW_ASYNC_UNSAFE, psycopg2's wait
         # callback) that start() and the options turn, for stop() to turn back.
@@ -191,7 +189,7 @@ class DBReset(Magics):
         self.network = Network(self.network_timeout, per_cell=resets_sigint(self.shell))
         self.checkup.start(on_created=self.network.tune)
         self._running = True
-        self._switches_changed()
+        self._copy_options()
         self._idle_changed()
         if setup.source is not Source.ALREADY_SET_UP:
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
@@ -210,7 +208,7 @@ class DBReset(Magics):
         if self._running:
             self.checkup.stop()
             self._running = False
-            self._switches_changed()
+            self._copy_options()
         while self._at_cell_end:
             self._at_cell_end.pop()()
         undone = self._switches.undo()
@@ -244,18 +242,13 @@ class DBReset(Magics):
         for tracked in self.checkup.tracked():
             self.network.tune(tracked.wrapper)
 
-    @observe("aborted_manual_transactions")
-    def _policy_changed(self, change: Bunch) -> None:
-        self.checkup.leave_manual_transactions = change["new"] == "leave"
-
-    @observe("auto_repair", "check_before_cell")
-    def _switches_changed(self, change: Bunch | None = None) -> None:
+    @observe("auto_repair", "check_before_cell", "aborted_manual_transactions", "verbosity")
+    def _copy_options(self, change: Bunch | None = None) -> None:
+        # Read where a trait would cost too much: around every cell, in each check, per notice.
         self._check_after = self._running and self.auto_repair
         self._check_before = self._check_after and self.check_before_cell
-
-    @observe("verbosity")
-    def _verbosity_changed(self, change: Bunch) -> None:
-        self._output.verbosity = change["new"]
+        self.checkup.leave_manual_transactions = self.aborted_manual_transactions == "leave"
+        self._output.verbosity = self.verbosity
 
     # -- callbacks -----------------------------------------------------------
 

@@ -57,7 +57,8 @@ class Output:
     shell
         The shell the notices are for (``None``: shown as they are said).
     verbosity
-        The highest level of notice shown; may change at any time.
+        The highest level of notice shown (the owner keeps it in step with
+        its option).
     at_cell_end
         Where :meth:`not_as_output` leaves what undoes it; the caller runs
         it as the cell ends.
@@ -67,7 +68,7 @@ class Output:
         self,
         shell: InteractiveShell | None,
         *,
-        verbosity: int,
+        verbosity: int = 1,
         at_cell_end: list[Callable[[], None]],
     ) -> None:
         self.shell = shell
