@@ -32,20 +32,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
-from traitlets import Bool, Enum, Int, TraitError, Unicode, observe
+from traitlets import Bool, Enum, Int, Unicode, observe
 
 from ipy_dbreset.checkup import Checkup
 from ipy_dbreset.display import Notice, Table, history_table, reset_notice, status_table
 from ipy_dbreset.health import cancelled
 from ipy_dbreset.interrupts import in_kernel, interrupts_held, pass_on, resets_sigint
 from ipy_dbreset.network import Network
-from ipy_dbreset.options import BadOption, Seconds, Verbosity, explain, known_aliases, parse
+from ipy_dbreset.options import Seconds, Verbosity, config_checked, parse
 from ipy_dbreset.output import Output, ResetResult
 from ipy_dbreset.project import ProjectError, Source, setup_django
 from ipy_dbreset.switches import Switches
@@ -168,15 +167,8 @@ class DBReset(Magics):
         self._healthy = self.checkup.healthy
         self._check_all = self.checkup.check_all
         self._before_cell, self._after_cell = self.checkup.before_cell, self.checkup.after_cell
-        try:
+        with config_checked(self, shell):  # a refused value: BadOption, in one line
             super().__init__(shell=shell, **kwargs)
-        except (TraitError, ValueError) as exc:  # ValueError: a bad --DBReset.x=... string
-            # Magics.__init__ put us in shell.configurables before the config was
-            # read: leave, or the next %load_ext would find us and register nothing.
-            if shell is not None:
-                with suppress(ValueError):
-                    shell.configurables.remove(self)  # type: ignore[arg-type]
-            raise BadOption(explain(self, shell, exc)) from None
 
     # -- life cycle ----------------------------------------------------------
 
@@ -339,10 +331,9 @@ class DBReset(Magics):
             %dbreset default replica
             result = %dbreset -q
         """
-        args = parse(self.dbreset, "dbreset", line)
-        aliases = known_aliases(args.aliases, self.checkup.aliases()) if args.aliases else None
-        outcome = self.checkup.reset(aliases)
-        result = ResetResult(outcome, reset_notice(outcome, aliases))
+        args = parse(self.dbreset, line, self.checkup.aliases)
+        outcome = self.checkup.reset(args.aliases)
+        result = ResetResult(outcome, reset_notice(outcome, args.aliases))
         if not args.quiet or outcome.failures:  # the connection is still broken: say so
             self._say(result.notice, 0)
         self._output.not_as_output(result)
@@ -379,10 +370,9 @@ class DBReset(Magics):
             %dbstatus default
             %dbstatus --history      # what was repaired this session, and lost
         """
-        args = parse(self.dbstatus, "dbstatus", line)
-        aliases = known_aliases(args.aliases, self.checkup.aliases()) if args.aliases else None
+        args = parse(self.dbstatus, line, self.checkup.aliases)
         if args.history:
-            wanted = None if aliases is None else set(aliases)
+            wanted = None if args.aliases is None else set(args.aliases)
             done = self.checkup.history()
             return history_table([r for r in done if wanted is None or r.alias in wanted])
-        return status_table(self.checkup.status(aliases))
+        return status_table(self.checkup.status(args.aliases))
