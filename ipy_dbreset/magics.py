@@ -372,7 +372,5 @@ class DBReset(Magics):
         """
         args = parse(self.dbstatus, line, self.checkup.aliases)
         if args.history:
-            wanted = None if args.aliases is None else set(args.aliases)
-            done = self.checkup.history()
-            return history_table([r for r in done if wanted is None or r.alias in wanted])
+            return history_table(self.checkup.history(args.aliases))
         return status_table(self.checkup.status(args.aliases))
