@@ -40,7 +40,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Int, Unicode, observe
 
 from ipy_dbreset.checkup import Checkup
-from ipy_dbreset.display import Notice, Table, history_table, reset_notice, status_table
+from ipy_dbreset.display import Table, history_table, reset_notice, status_table
 from ipy_dbreset.health import cancelled
 from ipy_dbreset.interrupts import in_kernel, interrupts_held, pass_on, resets_sigint
 from ipy_dbreset.network import Network
@@ -185,8 +185,7 @@ class DBReset(Magics):
         self._idle_changed()
         if setup.source is not Source.ALREADY_SET_UP:
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
-            log.info("ipy_dbreset: %s", setup.describe())
-            self._say(setup.describe())
+            self._say(setup.describe(), logged=True)
         else:
             self._say(f"using Django as it was set up ({setup.settings_module})", 2)
         self._apply_async_unsafe()
@@ -206,8 +205,7 @@ class DBReset(Magics):
         undone = self._switches.undo()
         if undone:
             # The process is not as it was while loaded: the next ORM call may fail.
-            log.info("ipy_dbreset: unloaded; %s", "; ".join(undone))
-            self._say(f"unloaded; {'; '.join(undone)}")
+            self._say(f"unloaded; {'; '.join(undone)}", logged=True)
 
     @observe("allow_async_unsafe")
     def _apply_async_unsafe(self, change: Bunch | None = None) -> None:
@@ -228,11 +226,10 @@ class DBReset(Magics):
 
     @observe("network_timeout")
     def _network_timeout_changed(self, change: Bunch) -> None:
-        if self.network is None:
-            return
-        self.network.timeout = change["new"]
-        for tracked in self.checkup.tracked():
-            self.network.tune(tracked.wrapper)
+        if self.network is not None:
+            self.network.timeout = change["new"]
+            for tracked in self.checkup.tracked():
+                self.network.tune(tracked.wrapper)
 
     @observe("auto_repair", "check_before_cell", "aborted_manual_transactions", "verbosity")
     def _copy_options(self, change: Bunch | None = None) -> None:
@@ -294,9 +291,7 @@ class DBReset(Magics):
             try:
                 outcome = self._check_all(suspect=suspect)
             except KeyboardInterrupt:  # pressed twice: the repair may be half done
-                self._say(
-                    Notice("interrupted before the repair was done; run %dbreset", "error"), 0
-                )
+                self._say("interrupted before the repair was done; run %dbreset", 0, kind="error")
             else:
                 self._output.checked(outcome)
         if interrupts:

@@ -84,15 +84,20 @@ class Output:
         self._hidden: list[ResetResult] = []
         self._at_cell_end = at_cell_end  # the caller's, run as the cell ends
 
-    def say(self, notice: Notice | str, level: int = 1) -> None:
-        """Show ``notice`` (a string: an information) if ``verbosity`` is at least ``level``.
+    def say(
+        self, notice: Notice | str, level: int = 1, *, kind: str = "info", logged: bool = False
+    ) -> None:
+        """Show ``notice`` if ``verbosity`` is at least ``level`` (0: always).
 
-        Level 0 is always shown.
+        A string is a notice of ``kind``.  ``logged``: also in the log,
+        whatever the verbosity (for what changed the process).
         """
+        if isinstance(notice, str):
+            notice = Notice(notice, kind)
+        if logged:
+            log.info("ipy_dbreset: %s", notice.text)
         if self.verbosity < level:
             return
-        if isinstance(notice, str):
-            notice = Notice(notice, "info")
         if getattr(self.shell, "kernel", None) is not None and not ran_a_cell(self.shell):
             # Sent now, it would belong to no cell and no notebook would show it.
             # A terminal shows it as it is printed.
