@@ -98,12 +98,12 @@ def pass_on(
         except KeyboardInterrupt:
             pass
     if before_cell and shell is not None:
-        transformers, stop = shell.ast_transformers, StopCell()
-        transformers.append(stop)
+        stop, running = StopCell(), shell
+        running.ast_transformers.append(stop)
 
         def withdraw() -> None:
-            if stop in transformers:
-                transformers.remove(stop)
+            if stop in running.ast_transformers:  # looked up now: the list may be a new one
+                running.ast_transformers.remove(stop)
 
         at_cell_end.append(withdraw)
     else:
