@@ -57,8 +57,8 @@ class Output:
     shell
         The shell the notices are for (``None``: shown as they are said).
     verbosity
-        The highest level of notice shown (the owner keeps it in step with
-        its option).
+        The highest level of notice shown; the owner keeps it in step with
+        its option.
     at_cell_end
         Where :meth:`not_as_output` leaves what undoes it; the caller runs
         it as the cell ends.
@@ -71,7 +71,7 @@ class Output:
         verbosity: int = 1,
         at_cell_end: list[Callable[[], None]],
     ) -> None:
-        self.shell = shell
+        self.shell = shell  # where notices go; its kernel, if any, decides when
         # 0: only what the user must know (a failed repair), 1: one line per
         # repair, 2: also setup details and the connections left alone.
         self.verbosity = verbosity
