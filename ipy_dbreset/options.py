@@ -4,8 +4,8 @@ A value set in ``ipython_config.py`` or with ``%config`` before ``%load_ext``
 is read while the magics are made; traitlets would answer a bad one with a
 traceback.  :func:`config_checked` turns it into a :class:`BadOption` whose
 one line (:func:`explain`) names the option, the value and what the option
-accepts.  A magic's bad arguments are a
-``UsageError`` in one sentence too (:func:`parse`).
+accepts.  A magic's bad arguments are a ``UsageError`` in one sentence too
+(:func:`parse`).
 """
 
 from __future__ import annotations
