@@ -458,6 +458,10 @@ class Checkup:
         """Every connection in use and its thread, the shell thread's first."""
         return list(self._tracker)
 
-    def history(self) -> list[Repair]:
-        """The session's repairs, resets and releases, oldest first (the last :data:`HISTORY`)."""
-        return list(self._last.history)
+    def history(self, aliases: Iterable[str] | None = None) -> list[Repair]:
+        """The session's repairs, resets and releases (of ``aliases``), oldest first.
+
+        The last :data:`HISTORY` of them.
+        """
+        wanted = None if aliases is None else set(aliases)
+        return [r for r in self._last.history if wanted is None or r.alias in wanted]

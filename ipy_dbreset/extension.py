@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 from IPython.core.error import UsageError
 
-from ipy_dbreset.magics import EVENTS, DBReset, ran_a_cell
+from ipy_dbreset.magics import EVENTS, DBReset
 from ipy_dbreset.options import BadOption
+from ipy_dbreset.output import ran_a_cell
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell

@@ -176,3 +176,15 @@ def snapshot(wrapper: BaseDatabaseWrapper) -> Snapshot:
         bool(wrapper.autocommit),
         status_text(tally_of(wrapper)) if in_transaction else "",
     )
+
+
+def cancelled(error: BaseException | None) -> bool:
+    """Whether a cell failed because its query was cancelled (the stop button, psycopg2).
+
+    PostgreSQL's SQLSTATE 57014, on the driver's error that Django wraps.
+    """
+    cause = getattr(error, "__cause__", None)
+    return any(
+        getattr(e, "pgcode", None) == "57014" or getattr(e, "sqlstate", None) == "57014"
+        for e in (error, cause)
+    )

@@ -2,20 +2,30 @@
 
 A repair and its notice must be done whole or not started when the user
 presses the stop button (Ctrl-C): :func:`interrupts_held` holds SIGINT back
-for that long, and :class:`StopCell` lets an interrupt held back before a cell
-stop that cell, which a callback cannot do by raising.
+for that long, and :func:`pass_on` then lets the interrupt stop what it was
+meant to: the shell's own handler, or the cell about to run (:class:`StopCell`),
+which a callback cannot stop by raising.  :func:`resets_sigint` tells the
+shells that put their SIGINT handler back around every cell.
 """
 
 from __future__ import annotations
 
 import ast
+import logging
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from ipy_dbreset.tracking import in_event_loop
+
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -64,3 +74,54 @@ class StopCell(ast.NodeTransformer):
             ast.copy_location(stop, node.body[0])
         node.body = [stop]
         return ast.fix_missing_locations(node)
+
+
+def pass_on(
+    shell: InteractiveShell | None,
+    *,
+    before_cell: bool,
+    at_cell_end: list[Callable[[], None]],
+) -> None:
+    """Let an interrupt held back (or caught) in a callback stop what it was meant to.
+
+    Before a cell, that cell: a :class:`StopCell` waits for it, and what
+    takes it away again goes to ``at_cell_end``, for the caller to run as the
+    cell ends.  After a cell there is nothing left to stop.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        # Not KeyboardInterrupt: the shell has its own way (ipykernel cancels
+        # a cell with top-level await), which only it knows how to finish.
+        try:
+            handler(signal.SIGINT, None)
+            return
+        except KeyboardInterrupt:
+            pass
+    if before_cell and shell is not None:
+        stop, running = StopCell(), shell
+        running.ast_transformers.append(stop)
+
+        def withdraw() -> None:
+            if stop in running.ast_transformers:  # looked up now: the list may be a new one
+                running.ast_transformers.remove(stop)
+
+        at_cell_end.append(withdraw)
+    else:
+        log.info("ipy_dbreset: interrupt after the cell ignored")
+
+
+def in_kernel(shell: InteractiveShell | None) -> bool:
+    """Whether ``shell`` runs its cells as a Jupyter kernel does (in an event loop)."""
+    return getattr(shell, "kernel", None) is not None or in_event_loop()
+
+
+def resets_sigint(shell: InteractiveShell | None) -> bool:
+    """Whether the shell puts its own SIGINT handler back around every cell.
+
+    ipykernel does for each request, prompt_toolkit at each terminal prompt;
+    a plain InteractiveShell (embedded, scripted) leaves it alone.
+    """
+    terminal = sys.modules.get("IPython.terminal.interactiveshell")
+    if terminal is not None and isinstance(shell, terminal.TerminalInteractiveShell):
+        return True
+    return in_kernel(shell)

@@ -21,82 +21,43 @@ Configure it like any IPython extension, with ``%config`` or in
 Everything that judges, repairs and describes connections is the engine's
 (:class:`~ipy_dbreset.checkup.Checkup`) and :mod:`ipy_dbreset.display`'s; this
 module holds one ``Checkup`` and connects it to the shell.  Around it, the
-rest of the IPython side: :mod:`ipy_dbreset.options` (what a refused value
-says), :mod:`ipy_dbreset.interrupts` (Ctrl-C during a repair) and
-:mod:`ipy_dbreset.extension` (load and unload).
+rest of the IPython side: :mod:`ipy_dbreset.output` (what the user sees:
+notices, and no ``Out[n]`` for ``%dbreset``), :mod:`ipy_dbreset.options` (what
+a refused value or argument says), :mod:`ipy_dbreset.interrupts` (Ctrl-C
+during a repair), :mod:`ipy_dbreset.switches` (what is changed in the process,
+and turned back) and :mod:`ipy_dbreset.extension` (load and unload).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import threading
-from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import display
-from traitlets import Bool, Enum, Int, TraitError, Unicode, observe
+from IPython.core.magic_arguments import argument, magic_arguments
+from traitlets import Bool, Enum, Int, Unicode, observe
 
-from ipy_dbreset.checkup import Checkup, Outcome
-from ipy_dbreset.display import (
-    Notice,
-    Table,
-    failure_notice,
-    history_table,
-    repair_notice,
-    reset_notice,
-    skipped_notice,
-    status_table,
-)
-from ipy_dbreset.interrupts import StopCell, interrupts_held
+from ipy_dbreset.checkup import Checkup
+from ipy_dbreset.display import Table, history_table, reset_notice, status_table
+from ipy_dbreset.health import cancelled
+from ipy_dbreset.interrupts import in_kernel, interrupts_held, pass_on, resets_sigint
 from ipy_dbreset.network import Network
-from ipy_dbreset.options import BadOption, Seconds, Verbosity, explain
-from ipy_dbreset.project import (
-    ASYNC_UNSAFE_VARIABLE,
-    ProjectError,
-    Source,
-    allow_async_unsafe,
-    setup_django,
-)
-from ipy_dbreset.tracking import in_event_loop
+from ipy_dbreset.options import Seconds, Verbosity, config_checked, parse
+from ipy_dbreset.output import Output, ResetResult
+from ipy_dbreset.project import ProjectError, Source, setup_django
+from ipy_dbreset.switches import Switches
 
 if TYPE_CHECKING:
-    from argparse import Namespace
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
 
-    from IPython.core.displayhook import DisplayHook
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult, InteractiveShell
     from traitlets.utils.bunch import Bunch
-
-    from ipy_dbreset.idle import Said
-    from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
 
 EVENTS = ("pre_run_cell", "post_run_cell")
-
-
-class ResetResult(list["Repair"]):
-    """What ``%dbreset`` did: one :class:`~ipy_dbreset.repair.Repair` per connection reset.
-
-    ``.left``: (alias, thread) of the connections left alone because their
-    thread was using them; ``.failed``: those that could not be reset, with the
-    database's error.  Shown later (``result`` alone in a cell), it shows the
-    notice; the cell that ran the magic does not show it as its output.
-    """
-
-    def __init__(self, outcome: Outcome, notice: Notice) -> None:
-        super().__init__(outcome.repairs)
-        self.notice = notice
-        self.left = list(outcome.skipped)
-        self.failed = list(outcome.failures)
-
-    def _ipython_display_(self) -> None:
-        display(self.notice)
 
 
 @magics_class
@@ -188,14 +149,17 @@ class DBReset(Magics):
         self.checkup = Checkup(threading.current_thread())
         self._running = False  # between start() and stop()
         self.network: Network | None = None  # keepalive and the stop button's path check
-        # What start() changed in the process, for stop() to undo.
-        self._set_async_unsafe = self._set_wait_callback = False
-        # The displayhook that %dbreset set aside for the rest of its cell (see
-        # _not_as_output), and the results it keeps from showing as Out[n].
-        self._displayhook: DisplayHook | None = None
-        self._hidden: list[ResetResult] = []
-        # Set while an interrupt held back before a cell waits for that cell.
-        self._stop_cell: StopCell | None = None
+        # What lasts only for the running cell (%dbreset's result kept out of
+        # Out[n], an interrupt waiting to stop the cell): what undoes each, run
+        # as the cell ends.
+        self._at_cell_end: list[Callable[[], None]] = []
+        # What the user sees: notices at the verbosity asked for (kept in step
+        # by _copy_options), held back while a kernel starts up.
+        self._output = Output(shell, at_cell_end=self._at_cell_end)
+        self._say = self._output.say
+        # The process-wide switches (DJANGO_ALLOW_ASYNC_UNSAFE, psycopg2's wait
+        # callback) that start() and the options turn, for stop() to turn back.
+        self._switches = Switches(self._say)
         # What the callbacks do, read as plain attributes around every cell
         # (trait reads cost more than judging a healthy connection): whether
         # to check, the checkup's fast path and its full check.
@@ -203,18 +167,8 @@ class DBReset(Magics):
         self._healthy = self.checkup.healthy
         self._check_all = self.checkup.check_all
         self._before_cell, self._after_cell = self.checkup.before_cell, self.checkup.after_cell
-        # Said while a kernel started up, before any cell could show it: shown
-        # with the first cell's output.
-        self._held: list[Notice] = []
-        try:
+        with config_checked(self, shell):  # a refused value: BadOption, in one line
             super().__init__(shell=shell, **kwargs)
-        except (TraitError, ValueError) as exc:  # ValueError: a bad --DBReset.x=... string
-            # Magics.__init__ put us in shell.configurables before the config was
-            # read: leave, or the next %load_ext would find us and register nothing.
-            if shell is not None:
-                with suppress(ValueError):
-                    shell.configurables.remove(self)  # type: ignore[arg-type]
-            raise BadOption(explain(self, shell, exc)) from None
 
     # -- life cycle ----------------------------------------------------------
 
@@ -224,17 +178,16 @@ class DBReset(Magics):
             setup = setup_django(self.settings_module)
         except ProjectError as exc:
             raise UsageError(f"ipy_dbreset: {exc}") from None
-        self.network = Network(self.network_timeout, per_cell=self._resets_sigint())
+        self.network = Network(self.network_timeout, per_cell=resets_sigint(self.shell))
         self.checkup.start(on_created=self.network.tune)
         self._running = True
-        self._switches_changed()
+        self._copy_options()
         self._idle_changed()
         if setup.source is not Source.ALREADY_SET_UP:
             # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
-            log.info("ipy_dbreset: %s", setup.describe())
-            self._say(Notice(setup.describe(), "info"))
+            self._say(setup.describe(), logged=True)
         else:
-            self._say(Notice(f"using Django as it was set up ({setup.settings_module})", "info"), 2)
+            self._say(f"using Django as it was set up ({setup.settings_module})", 2)
         self._apply_async_unsafe()
         self._apply_interruptible()
 
@@ -246,76 +199,23 @@ class DBReset(Magics):
         if self._running:
             self.checkup.stop()
             self._running = False
-            self._switches_changed()
-        self._forget_cell_state()
-        undone = []
-        if self._set_async_unsafe:
-            allow_async_unsafe(False)
-            self._set_async_unsafe = False
-            undone.append(
-                f"{ASYNC_UNSAFE_VARIABLE} removed, so ORM calls in cells raise "
-                "SynchronousOnlyOperation again"
-            )
-        if self._psycopg2_interruptible(False):
-            undone.append("psycopg2's wait callback removed: the stop button waits for queries")
+            self._copy_options()
+        while self._at_cell_end:
+            self._at_cell_end.pop()()
+        undone = self._switches.undo()
         if undone:
             # The process is not as it was while loaded: the next ORM call may fail.
-            log.info("ipy_dbreset: unloaded; %s", "; ".join(undone))
-            self._say(Notice(f"unloaded; {'; '.join(undone)}", "info"))
-
-    def _psycopg2_interruptible(self, on: bool) -> bool:
-        """Set or remove psycopg2's wait callback (only ours); whether anything changed."""
-        if on == self._set_wait_callback:
-            # Nothing to do: importing psycopg2 to find that out would cost most of
-            # the start-up of a psycopg 3 or SQLite project.
-            return False
-        try:
-            from ipy_dbreset.drivers.psycopg2 import make_interruptible
-        except ImportError:  # psycopg2 is not installed: nothing to make interruptible
-            return False
-        changed = make_interruptible(on)
-        if changed:
-            self._set_wait_callback = on
-        return changed
-
-    @observe("interruptible_psycopg2")
-    def _apply_interruptible(self, change: Bunch | None = None) -> None:
-        if self._running and self._psycopg2_interruptible(self.interruptible_psycopg2):
-            state = "can" if self.interruptible_psycopg2 else "cannot"
-            self._say(Notice(f"the stop button {state} cancel psycopg2 queries now", "info"))
-
-    def _resets_sigint(self) -> bool:
-        """Whether the shell puts its own SIGINT handler back around every cell.
-
-        ipykernel does for each request, prompt_toolkit at each terminal prompt;
-        a plain InteractiveShell (embedded, scripted) leaves it alone.
-        """
-        terminal = sys.modules.get("IPython.terminal.interactiveshell")
-        if terminal is not None and isinstance(self.shell, terminal.TerminalInteractiveShell):
-            return True
-        return self._in_kernel()
-
-    def _in_kernel(self) -> bool:
-        return getattr(self.shell, "kernel", None) is not None or in_event_loop()
+            self._say(f"unloaded; {'; '.join(undone)}", logged=True)
 
     @observe("allow_async_unsafe")
     def _apply_async_unsafe(self, change: Bunch | None = None) -> None:
-        if not self._running:
-            return
-        if self.allow_async_unsafe:
-            if self._in_kernel() and allow_async_unsafe(True):
-                self._set_async_unsafe = True
-                self._say(
-                    Notice(
-                        f"{ASYNC_UNSAFE_VARIABLE} is now true, so ORM calls work in this "
-                        "kernel's event loop (opt out: %config DBReset.allow_async_unsafe = False)",
-                        "info",
-                    )
-                )
-        elif self._set_async_unsafe:
-            allow_async_unsafe(False)
-            self._set_async_unsafe = False
-            self._say(Notice(f"{ASYNC_UNSAFE_VARIABLE} removed", "info"))
+        if self._running:
+            self._switches.async_unsafe(self.allow_async_unsafe, in_kernel=in_kernel(self.shell))
+
+    @observe("interruptible_psycopg2")
+    def _apply_interruptible(self, change: Bunch | None = None) -> None:
+        if self._running:
+            self._switches.interruptible_psycopg2(self.interruptible_psycopg2)
 
     @observe("idle_release", "long_transaction")
     def _idle_changed(self, change: Bunch | None = None) -> None:
@@ -326,20 +226,18 @@ class DBReset(Magics):
 
     @observe("network_timeout")
     def _network_timeout_changed(self, change: Bunch) -> None:
-        if self.network is None:
-            return
-        self.network.timeout = change["new"]
-        for tracked in self.checkup.tracked():
-            self.network.tune(tracked.wrapper)
+        if self.network is not None:
+            self.network.timeout = change["new"]
+            for tracked in self.checkup.tracked():
+                self.network.tune(tracked.wrapper)
 
-    @observe("aborted_manual_transactions")
-    def _policy_changed(self, change: Bunch) -> None:
-        self.checkup.leave_manual_transactions = change["new"] == "leave"
-
-    @observe("auto_repair", "check_before_cell")
-    def _switches_changed(self, change: Bunch | None = None) -> None:
+    @observe("auto_repair", "check_before_cell", "aborted_manual_transactions", "verbosity")
+    def _copy_options(self, change: Bunch | None = None) -> None:
+        # Read where a trait would cost too much: around every cell, in each check, per notice.
         self._check_after = self._running and self.auto_repair
         self._check_before = self._check_after and self.check_before_cell
+        self.checkup.leave_manual_transactions = self.aborted_manual_transactions == "leave"
+        self._output.verbosity = self.verbosity
 
     # -- callbacks -----------------------------------------------------------
 
@@ -348,39 +246,39 @@ class DBReset(Magics):
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
-        if self._held:
-            self._show_held(info)
+        if self._output.held:
+            self._output.show_held(info)
         if self.network is not None:
             self.network.guard.arm()
         if self._running:
             said = self._before_cell()
             if said:
-                self._say_all(said)
+                self._output.say_all(said)
         if self._check_before:
             try:
                 if not self._healthy(listen=True, failed=False):
                     self._check(suspect=False, before_cell=True)
             except KeyboardInterrupt:  # the user stopped the cell as it began
-                self._pass_on_interrupt(before_cell=True)
+                pass_on(self.shell, before_cell=True, at_cell_end=self._at_cell_end)
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
         if self.network is not None:
             self.network.guard.cell_over()
-        if self._displayhook is not None or self._stop_cell is not None:
-            self._forget_cell_state()
+        while self._at_cell_end:  # a displayhook set aside, a cell to stop
+            self._at_cell_end.pop()()
         if self._running:
             # Before the checkup, which takes the marks of the connections the cell used.
             said = self._after_cell()
             if said:
-                self._say_all(said)
+                self._output.say_all(said)
         if self._check_after:
             error = None if result is None else result.error_in_exec
             # A cell that raised nothing can only have left a trace in the
             # driver's and Django's state; the sockets are for the next check.
             # One that raised may have marked a block for rollback without a query.
             failed = error is not None
-            suspect = failed and (isinstance(error, KeyboardInterrupt) or _cancelled(error))
+            suspect = failed and (isinstance(error, KeyboardInterrupt) or cancelled(error))
             try:
                 if suspect or not self._healthy(listen=failed, failed=failed):
                     self._check(suspect=suspect, before_cell=False)
@@ -393,81 +291,13 @@ class DBReset(Magics):
             try:
                 outcome = self._check_all(suspect=suspect)
             except KeyboardInterrupt:  # pressed twice: the repair may be half done
-                self._say(
-                    Notice("interrupted before the repair was done; run %dbreset", "error"), 0
-                )
+                self._say("interrupted before the repair was done; run %dbreset", 0, kind="error")
             else:
-                if outcome.failures:
-                    failures = "; ".join(f.describe() for f in outcome.failures)
-                    log.warning("ipy_dbreset: repair failed: %s", failures)
-                    self._say(failure_notice(outcome), 0)
-                elif outcome.repairs:
-                    self._say(repair_notice(outcome.repairs))
-                if outcome.skipped:
-                    self._say(skipped_notice(outcome), 2)
+                self._output.checked(outcome)
         if interrupts:
-            self._pass_on_interrupt(before_cell=before_cell)
-
-    def _pass_on_interrupt(self, *, before_cell: bool) -> None:
-        """Let an interrupt held back (or caught) in a callback stop what it was meant to."""
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler) and handler is not signal.default_int_handler:
-            # Not KeyboardInterrupt: the shell has its own way (ipykernel cancels
-            # a cell with top-level await), which only it knows how to finish.
-            try:
-                handler(signal.SIGINT, None)
-                return
-            except KeyboardInterrupt:
-                pass
-        if before_cell and self.shell is not None:
-            self._stop_cell = StopCell()
-            self.shell.ast_transformers.append(self._stop_cell)
-        else:
-            log.info("ipy_dbreset: interrupt after the cell ignored")
-
-    def _forget_cell_state(self) -> None:
-        """Undo what lasts only for one cell (a displayhook set aside, a cell to stop)."""
-        if self._displayhook is not None:
-            if getattr(sys.displayhook, "__self__", None) is self:  # not put back by the cell
-                sys.displayhook = self._displayhook
-            self._displayhook, self._hidden = None, []
-        if self._stop_cell is not None:
-            if self.shell is not None and self._stop_cell in self.shell.ast_transformers:
-                self.shell.ast_transformers.remove(self._stop_cell)
-            self._stop_cell = None
-
-    def _say_all(self, said: Sequence[Said]) -> None:
-        for level, text in said:
-            self._say(Notice(text, "info"), level)
-
-    def _say(self, notice: Notice, level: int = 1) -> None:
-        """Show ``notice`` if ``verbosity`` is at least ``level`` (0: always)."""
-        if self.verbosity < level:
-            return
-        if getattr(self.shell, "kernel", None) is not None and not ran_a_cell(self.shell):
-            # Sent now, it would belong to no cell and no notebook would show it.
-            # A terminal shows it as it is printed.
-            self._held.append(notice)
-        else:
-            display(notice)
-
-    def _show_held(self, info: ExecutionInfo) -> None:
-        if ran_a_cell(self.shell, info):  # exec_lines at start-up run as cells: not yet
-            held, self._held = self._held, []
-            for notice in held:
-                display(notice)
+            pass_on(self.shell, before_cell=before_cell, at_cell_end=self._at_cell_end)
 
     # -- magics --------------------------------------------------------------
-
-    def _aliases(self, names: list[str]) -> list[str]:
-        known = self.checkup.aliases()
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise UsageError(
-                f"unknown database alias {', '.join(map(repr, unknown))}; "
-                f"DATABASES has {', '.join(map(repr, known))}"
-            )
-        return list(dict.fromkeys(names))
 
     @magic_arguments()
     @argument("-q", "--quiet", action="store_true", help="Do not print what was done.")
@@ -496,42 +326,13 @@ class DBReset(Magics):
             %dbreset default replica
             result = %dbreset -q
         """
-        args = _parse(self.dbreset, "dbreset", line)
-        aliases = self._aliases(args.aliases) if args.aliases else None
-        outcome = self.checkup.reset(aliases)
-        result = ResetResult(outcome, reset_notice(outcome, aliases))
+        args = parse(self.dbreset, line, self.checkup.aliases)
+        outcome = self.checkup.reset(args.aliases)
+        result = ResetResult(outcome, reset_notice(outcome, args.aliases))
         if not args.quiet or outcome.failures:  # the connection is still broken: say so
             self._say(result.notice, 0)
-        self._not_as_output(result)
+        self._output.not_as_output(result)
         return result
-
-    def _not_as_output(self, result: ResetResult) -> None:
-        """Keep this cell from showing ``result`` as its output if it ends with the magic.
-
-        The notice is said already (or unwanted, ``-q``).  Even a result that
-        displays nothing gets an empty ``Out[n]:`` line in a terminal: the
-        displayhook writes the prompt before it formats.  So, for the rest of
-        the cell, ``sys.displayhook`` skips ``result`` and passes every other
-        value on (the cell's display trap puts the shell's own back after it).
-        """
-        if getattr(sys.displayhook, "__self__", None) is self:
-            self._hidden.append(result)  # another %dbreset in the same cell
-        elif self.shell is not None and sys.displayhook is self.shell.displayhook:
-            # (otherwise not in a cell: there is no Out[n] to keep quiet)
-            self._displayhook, self._hidden = self.shell.displayhook, [result]
-            sys.displayhook = self._display_unless_hidden
-
-    def _display_unless_hidden(self, value: object) -> None:
-        hook = self._displayhook
-        if hook is None:  # the cell is over; only a stray reference calls this
-            sys.__displayhook__(value)
-        elif value is None or not any(value is hidden for hidden in self._hidden):
-            hook(value)
-        elif not hook.quiet():
-            # What DisplayHook.__call__ (IPython 8, 9) does besides showing the
-            # value: _, Out[n] and the cell's result stay as usual.
-            hook.update_user_ns(value)
-            hook.fill_exec_result(value)
 
     @magic_arguments()
     @argument(
@@ -564,50 +365,7 @@ class DBReset(Magics):
             %dbstatus default
             %dbstatus --history      # what was repaired this session, and lost
         """
-        args = _parse(self.dbstatus, "dbstatus", line)
-        aliases = self._aliases(args.aliases) if args.aliases else None
+        args = parse(self.dbstatus, line, self.checkup.aliases)
         if args.history:
-            wanted = None if aliases is None else set(aliases)
-            done = self.checkup.history()
-            return history_table([r for r in done if wanted is None or r.alias in wanted])
-        return status_table(self.checkup.status(aliases))
-
-
-def _cancelled(error: BaseException | None) -> bool:
-    """Whether the cell failed because its query was cancelled (the stop button, psycopg2).
-
-    PostgreSQL's SQLSTATE 57014, on the driver's error that Django wraps.
-    """
-    cause = getattr(error, "__cause__", None)
-    return any(
-        getattr(e, "pgcode", None) == "57014" or getattr(e, "sqlstate", None) == "57014"
-        for e in (error, cause)
-    )
-
-
-def _parse(magic: Callable[[str], object], name: str, line: str) -> Namespace:
-    """Parse a magic's arguments; any bad input is a UsageError that points to the help."""
-    try:
-        return parse_argstring(magic, line)  # type: ignore[no-any-return]
-    except UsageError as exc:  # argparse's own complaint, e.g. "unrecognized arguments: -x"
-        message = str(exc)
-    except ValueError as exc:  # the line does not split, e.g. "No closing quotation"
-        message = str(exc)
-    raise UsageError(f"%{name}: {message}; see %{name}?")
-
-
-def ran_a_cell(shell: InteractiveShell | None, info: ExecutionInfo | None = None) -> bool:
-    """Whether a cell of the user's has started (exec_lines at start-up are not: they
-    are not kept in the history).
-
-    ``info``: the cell that is starting, as ``pre_run_cell`` gets it.
-    """
-    if shell is None:
-        return False
-    if info is None:  # within a cell: the one running, if any (unset before pre_run_cell)
-        running = shell.displayhook.exec_result
-        info = None if running is None else running.info
-    if info is not None and info.store_history:
-        return True
-    # IPython 9 counts a cell as it starts, IPython 8 as it ends.
-    return shell.execution_count > 1
+            return history_table(self.checkup.history(args.aliases))
+        return status_table(self.checkup.status(args.aliases))

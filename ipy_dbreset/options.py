@@ -1,19 +1,27 @@
-"""Configuration values: traits that say what they accept, and one line for a refused value.
+"""Options and magic arguments: what they accept, and one line for a refused one.
 
 A value set in ``ipython_config.py`` or with ``%config`` before ``%load_ext``
 is read while the magics are made; traitlets would answer a bad one with a
-traceback.  :func:`explain` turns it into one line that names the option, the
-value and what the option accepts.
+traceback.  :func:`config_checked` turns it into a :class:`BadOption` whose
+one line (:func:`explain`) names the option, the value and what the option
+accepts.  A magic's bad arguments are a ``UsageError`` in one sentence too
+(:func:`parse`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import parse_argstring
 from traitlets import Bool, Enum, Float, Int, TraitError, TraitType
 from traitlets.config.loader import DeferredConfig
 
 if TYPE_CHECKING:
+    from argparse import Namespace
+    from collections.abc import Callable, Iterator, Sequence
+
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Configurable
 
@@ -51,6 +59,23 @@ def allowed(trait: TraitType[Any, Any]) -> str:
     return trait.info()
 
 
+@contextmanager
+def config_checked(configurable: Configurable, shell: InteractiveShell | None) -> Iterator[None]:
+    """Around ``configurable``'s ``__init__``: a configured value it refuses is a BadOption.
+
+    ``Magics.__init__`` puts the magics in ``shell.configurables`` before it
+    reads the config: they leave again, or the next ``%load_ext`` would find
+    them and register nothing.
+    """
+    try:
+        yield
+    except (TraitError, ValueError) as exc:  # ValueError: a bad --DBReset.x=... string
+        if shell is not None:
+            with suppress(ValueError):
+                shell.configurables.remove(configurable)  # type: ignore[arg-type]
+        raise BadOption(explain(configurable, shell, exc)) from None
+
+
 def explain(configurable: Configurable, shell: InteractiveShell | None, exc: Exception) -> str:
     """Name the configured value ``configurable`` refused and what it accepts.
 
@@ -76,3 +101,33 @@ def explain(configurable: Configurable, shell: InteractiveShell | None, exc: Exc
                 f"expected {allowed(trait)}"
             )
     return f"{type(configurable).__name__} configuration is not valid: {str(exc).splitlines()[0]}"
+
+
+def parse(magic: Callable[[str], object], line: str, known: Callable[[], list[str]]) -> Namespace:
+    """Parse a magic's arguments; any bad input is a UsageError that points to the help.
+
+    ``.aliases``: the database aliases named, each once and in order, or
+    ``None`` for none; one that ``known()`` (``DATABASES``) lacks is bad input.
+    """
+    name = magic.__name__
+    try:
+        args = parse_argstring(magic, line)  # type: ignore[no-untyped-call]
+    except UsageError as exc:  # argparse's own complaint, e.g. "unrecognized arguments: -x"
+        message = str(exc)
+    except ValueError as exc:  # the line does not split, e.g. "No closing quotation"
+        message = str(exc)
+    else:
+        args.aliases = _known_aliases(args.aliases, known()) if args.aliases else None
+        return args  # type: ignore[no-any-return]
+    raise UsageError(f"%{name}: {message}; see %{name}?")
+
+
+def _known_aliases(names: Sequence[str], known: Sequence[str]) -> list[str]:
+    """``names`` once each, in order; a UsageError if ``DATABASES`` does not name one."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(
+            f"unknown database alias {', '.join(map(repr, unknown))}; "
+            f"DATABASES has {', '.join(map(repr, known))}"
+        )
+    return list(dict.fromkeys(names))

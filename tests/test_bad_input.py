@@ -118,7 +118,7 @@ def call(shell: InteractiveShell, magic: str, line: str) -> tuple[object, UsageE
 @SETTINGS
 @given(line=ARGUMENTS)
 def test_dbreset_arguments_succeed_or_are_a_usage_error(shell: InteractiveShell, line: str) -> None:
-    from ipy_dbreset.magics import ResetResult
+    from ipy_dbreset.output import ResetResult
 
     prepare()
     before = snapshot()
