@@ -18,14 +18,11 @@ Configure it like any IPython extension, with ``%config`` or in
     c.DBReset.aborted_manual_transactions = "leave"
     c.DBReset.network_timeout = 30   # seconds a frozen network may hold a query
 
-Everything that judges, repairs and describes connections is the engine's
-(:class:`~ipy_dbreset.checkup.Checkup`) and :mod:`ipy_dbreset.display`'s; this
-module holds one ``Checkup`` and connects it to the shell.  Around it, the
-rest of the IPython side: :mod:`ipy_dbreset.output` (what the user sees:
-notices, and no ``Out[n]`` for ``%dbreset``), :mod:`ipy_dbreset.options` (what
-a refused value or argument says), :mod:`ipy_dbreset.interrupts` (Ctrl-C
-during a repair), :mod:`ipy_dbreset.switches` (what is changed in the process,
-and turned back) and :mod:`ipy_dbreset.extension` (load and unload).
+This module holds the engine (one :class:`~ipy_dbreset.checkup.Checkup`) and
+connects it to the shell.  The rest of the IPython side: :mod:`~ipy_dbreset.output`
+(notices), :mod:`~ipy_dbreset.options`, :mod:`~ipy_dbreset.interrupts`,
+:mod:`~ipy_dbreset.switches` (what it changes in the process) and
+:mod:`~ipy_dbreset.extension` (load and unload).
 """
 
 from __future__ import annotations
