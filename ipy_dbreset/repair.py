@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import Error
 
-from ipy_dbreset.display import repair_line, where
+from ipy_dbreset.display import repair_line
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge, open_work
 from ipy_dbreset.ledger import kept, ledger_of, lost, tally_of
@@ -58,10 +58,6 @@ class Repair:
     when: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     keep_manual: bool = False
     """The connection was in manual-transaction mode: reconnect with autocommit off."""
-
-    @property
-    def where(self) -> str:
-        return where(self.alias, self.thread)
 
     def describe(self) -> str:
         """One line, without a prefix: ``'rolled back db 'default': ...; lost ...'``."""
