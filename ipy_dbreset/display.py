@@ -85,10 +85,15 @@ def where(alias: str, thread: str | None = None) -> str:
     return f"db {alias!r}" if thread is None else f"db {alias!r} (thread {thread})"
 
 
+def _why(repair: Repair) -> str:
+    """``<why>; lost 2 unsaved writes (...); <what next>``, each part only if there is one."""
+    return "; ".join(part for part in (repair.reason, repair.lost, repair.hint) if part)
+
+
 def repair_line(repair: Repair) -> str:
     """``rolled back db 'default': <why>; lost 2 unsaved writes (...); <what next>``."""
     text = f"{repair.action} {where(repair.alias, repair.thread)}"
-    said = "; ".join(part for part in (repair.reason, repair.lost, repair.hint) if part)
+    said = _why(repair)
     return f"{text}: {said}" if said else text
 
 
@@ -222,7 +227,7 @@ def history_table(repairs: Sequence[Repair]) -> Table:
     for repair in reversed(repairs):
         done = repair.action.removesuffix(" on")  # "rolled back the inner atomic block on"
         rows.append([clock(repair.when), where(repair.alias, repair.thread), done])
-        said = "; ".join(part for part in (repair.reason, repair.lost, repair.hint) if part)
+        said = _why(repair)
         details.append([said] if said else [])
     columns = ["time", "connection", "done"]
     return Table(columns, rows, "no repair in this session yet", details=details)
