@@ -261,6 +261,13 @@ class _Level:
         elif len(counts) < ENTRIES:
             counts[key] = n
 
+    def absorb(self, other: _Level) -> None:
+        """Add every write of ``other``, itemised as far as :data:`ENTRIES` allows."""
+        items = list(other.counts.items())  # a copy: another thread may be recording
+        self.writes += other.writes - sum(n for _, n in items)
+        for key, n in items:
+            self.add(key, n)
+
 
 _HOOKED = ("commit", "rollback", "set_autocommit", "connect")
 
@@ -329,11 +336,8 @@ class Ledger:
             del levels[found + 1 :]
             levels[found] = _Level(name)  # the savepoint stays, emptied
         elif what == _RELEASE:
-            below = levels[found - 1]
             for level in levels[found:]:
-                below.writes += level.writes - sum(level.counts.values())
-                for key, n in level.counts.items():
-                    below.add(key, n)
+                levels[found - 1].absorb(level)
             del levels[found:]
 
     def clear(self) -> None:
@@ -347,14 +351,11 @@ class Ledger:
         levels = list(self._levels)  # a copy: another thread may be recording
         if not levels:
             return None
-        counts: dict[tuple[str, str | None], int] = {}
-        writes = 0
+        total = _Level(None)
         for level in levels:
-            writes += level.writes
-            for key, n in list(level.counts.items()):
-                if key in counts or len(counts) < ENTRIES:
-                    counts[key] = counts.get(key, 0) + n
-        return Tally(writes, tuple((k, t, n) for (k, t), n in counts.items()), self.since)
+            total.absorb(level)
+        entries = tuple((k, t, n) for (k, t), n in total.counts.items())
+        return Tally(total.writes, entries, self.since)
 
     # -- hooks on the transaction boundaries that bypass execute wrappers -------
 
