@@ -6,7 +6,9 @@ and can be driven from any code that runs between units of work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import weakref
 from collections import deque
 from functools import partial
@@ -16,15 +18,17 @@ from django.db import Error, connections
 
 from ipy_dbreset.display import where
 from ipy_dbreset.drivers import Sockets, driver_for
+from ipy_dbreset.failover import BECAME_STANDBY, Standbys
 from ipy_dbreset.health import Problem, Snapshot, Verdict, judge, snapshot
 from ipy_dbreset.idle import IdleKeeper
+from ipy_dbreset.ledger import outcome
 from ipy_dbreset.network import Network, SocketState
+from ipy_dbreset.readonly import ReadOnly, supported, switch
 from ipy_dbreset.repair import Repair, repair, reset
 from ipy_dbreset.tracking import ConnectionTracker, touching
 
 if TYPE_CHECKING:
-    import threading
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -115,6 +119,16 @@ def _error(exc: Error) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
+class Switched(NamedTuple):
+    """What :meth:`Checkup.read_only` did to the open connections."""
+
+    on: bool
+    switched: tuple[tuple[str, str | None], ...]
+    """(alias, thread) of the open connections switched now."""
+    busy: tuple[tuple[str, str | None], ...]
+    """Those whose thread was using them: left as they were."""
+
+
 class Checkup:
     """Judge and repair every Django connection in use, in every thread.
 
@@ -163,6 +177,16 @@ class Checkup:
         # Idle connections, ended threads' connections, long transactions; off
         # until configure_idle() turns its parts on.
         self._idle = IdleKeeper(self._tracker, self._last)
+        # Read-only mode: off until read_only(True); sets each new connection.
+        self._read_only = ReadOnly()
+        # Threads other than the home one that run cells of their own
+        # (ipykernel 7 subshells), each with a lock it holds while a cell runs:
+        # another thread touches their connections only while it is free.
+        self._cell_locks: weakref.WeakKeyDictionary[threading.Thread, threading.RLock] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Which aliases began on a standby, to tell a failover's standby from a replica.
+        self._standbys = Standbys()
         self.before_cell = self._idle.before_cell
         """A cell starts: what happened since the last one, as (verbosity, line) pairs."""
         self.after_cell = self._idle.after_cell
@@ -176,10 +200,52 @@ class Checkup:
         """
         if on_created is not None:
             self._tracker.on_created.append(on_created)
+        self._tracker.on_created.append(self._read_only.created)
+        self._tracker.on_created.append(self._standbys.created)
         self._tracker.start()
         if on_created is not None:
             for tracked in self._tracker:  # opened before
                 on_created(tracked.wrapper)
+
+    def read_only(self, on: bool) -> Switched:
+        """Turn read-only mode on or off: for every connection opened from now on, and now
+        for the open ones whose thread is not using them.
+        """
+        self._read_only.on = on
+        switched: list[tuple[str, str | None]] = []
+        busy: list[tuple[str, str | None]] = []
+        for tracked in self._tracker:
+            wrapper = tracked.wrapper
+            if wrapper.connection is None or not supported(wrapper):
+                continue
+            key = (wrapper.alias, tracked.thread_name)
+            with self._may_touch(tracked) as free:
+                if not free:
+                    busy.append(key)
+                elif touching(wrapper, partial(switch, wrapper, on=on)):
+                    switched.append(key)
+        return Switched(on, tuple(switched), tuple(busy))
+
+    def leave_standbys(self) -> Outcome:
+        """Close the shell thread's connections that now sit on a hot standby not chosen.
+
+        For after a cell whose write the server refused as read-only
+        (:func:`~ipy_dbreset.failover.refused_as_read_only`): the next query
+        reconnects, and finds the new primary where the settings lead to it.
+        """
+        done: list[Repair] = []
+        failed: list[Failure] = []
+        for tracked in self._tracker:
+            if tracked.thread is None and self._standbys.became_standby(tracked.wrapper):
+                verdict = Verdict(Problem.LOST, BECAME_STANDBY)
+                self._fix(tracked.wrapper, None, verdict, done, failed)
+        if done or failed:
+            self._fast_version = -1  # closed without a query: the next check reads them all
+        return Outcome(tuple(done), tuple(failed))
+
+    @property
+    def is_read_only(self) -> bool:
+        return self._read_only.on
 
     def configure_idle(self, *, release_after: float, long_transaction: float) -> None:
         """Seconds before idle connections are released, and a transaction pointed out."""
@@ -226,7 +292,7 @@ class Checkup:
         """
         tracker = self._tracker
         # What the look before each query did (ipy_dbreset.preflight) is for check_all to say.
-        if tracker.preflight.found:
+        if tracker.preflight.found or tracker.unsettled:
             return False
         return self._fast_version == tracker.version and self._unchanged(listen, failed)
 
@@ -235,13 +301,64 @@ class Checkup:
         tracker = self._tracker
         if tracker.used:
             tracker.take_used()  # the full run reads them all anyway
+        asked = self._settle() if tracker.unsettled else []
         done = self._full_run(suspect=suspect)
+        if asked:
+            done = self._told_commits(asked, done)
         if self._fast_version == tracker.version:
             self._watch()
         elif self._watched:  # no baseline until a clean run: keep nothing of the old one
             self._watched = {}
             self._sockets.close()
         return self._with_preflight(done) if tracker.preflight.found else done
+
+    def _settle(self) -> list[tuple[BaseDatabaseWrapper, Mark, str | None, str, str]]:
+        """Ask the server what became of each COMMIT that did not answer.
+
+        The outcome waits on the ledger for the repair of its connection, if
+        this check makes one (its notice then says it); :meth:`_told_commits`
+        tells the others.
+        """
+        asked = []
+        unsettled = self._tracker.unsettled
+        while unsettled:
+            mark = unsettled.pop()
+            wrapper, flight = mark.wrapper(), mark.ledger.in_flight
+            if wrapper is None or flight is None:
+                continue
+            mark.ledger.in_flight = None
+            mark.ledger.outcome = outcome(wrapper, flight)
+            thread = None if self._tracker.is_home(wrapper) else self._thread_of(wrapper)
+            if flight.refused:
+                action, why = "noted a failed COMMIT on", flight.refused
+            else:
+                action = "asked the server about a COMMIT on"
+                why = (
+                    "its COMMIT was interrupted"
+                    if flight.interrupted
+                    else "the connection was lost during its COMMIT"
+                )
+            asked.append((wrapper, mark, thread, action, why))
+        return asked
+
+    def _thread_of(self, wrapper: BaseDatabaseWrapper) -> str | None:
+        return next((t.thread_name for t in self._tracker.others() if t.wrapper is wrapper), None)
+
+    def _told_commits(
+        self, asked: list[tuple[BaseDatabaseWrapper, Mark, str | None, str, str]], outcome_: Outcome
+    ) -> Outcome:
+        """A notice for each COMMIT asked about whose connection no repair told it."""
+        told = []
+        for wrapper, mark, thread, action, why in asked:
+            said, mark.ledger.outcome = mark.ledger.outcome, None
+            if said is None:
+                continue  # the repair of its connection said it
+            record = Repair(wrapper.alias, action, why, lost=said, thread=thread)
+            self._last[wrapper] = record
+            told.append(record)
+        if not told:
+            return outcome_
+        return outcome_._replace(repairs=(*told, *outcome_.repairs), healthy=False)
 
     def _unchanged(self, listen: bool, failed: bool) -> bool:
         """Whether every connection of the baseline is still as healthy as it was."""
@@ -316,7 +433,7 @@ class Checkup:
                 wrapper = tracked.wrapper
                 if wrapper.connection is None and not wrapper.in_atomic_block:
                     continue
-                with self._tracker.hold(tracked) as free:
+                with self._may_touch(tracked) as free:
                     if not free:
                         clean = False
                         skipped.append((wrapper.alias, tracked.thread_name))
@@ -344,6 +461,102 @@ class Checkup:
         if clean:
             return HEALTHY
         return Outcome(tuple(done), tuple(failed), tuple(skipped))
+
+    # -- cells run in threads of their own (ipykernel 7 subshells) ---------------
+
+    def own_cell_starts(self, *, check: bool) -> Outcome:
+        """A cell starts in this thread, which is not the home thread (a subshell's).
+
+        Until :meth:`own_cell_ends`, no other thread touches this thread's
+        connections; with ``check``, those broken since its last cell are
+        repaired first.  Only this thread's own connections are looked at: the
+        home thread's, and other threads', may be running a query meanwhile.
+        """
+        me = threading.current_thread()
+        lock = self._cell_locks.get(me)
+        if lock is None:
+            lock = self._cell_locks[me] = threading.RLock()  # only this thread adds its own
+        lock.acquire()  # a reset from another thread finishes first
+        return self._check_own(me, suspect=False) if check else HEALTHY
+
+    def own_cell_ends(self, *, check: bool, suspect: bool = False) -> Outcome:
+        """The cell :meth:`own_cell_starts` announced is over: repair what it broke.
+
+        ``suspect`` as for :meth:`run`.
+        """
+        me = threading.current_thread()
+        try:
+            return self._check_own(me, suspect=suspect) if check else HEALTHY
+        finally:
+            lock = self._cell_locks.get(me)
+            if lock is not None:
+                with contextlib.suppress(RuntimeError):  # a cell end with no start
+                    lock.release()
+
+    def _check_own(self, thread: threading.Thread, *, suspect: bool) -> Outcome:
+        """Judge and repair ``thread``'s connections, from ``thread`` itself, between its cells."""
+        name = thread.name
+        done: list[Repair] = []
+        failed: list[Failure] = []
+        for tracked in self._tracker.others():
+            wrapper = tracked.wrapper
+            if tracked.thread is not thread:
+                continue
+            if wrapper.connection is None and not wrapper.in_atomic_block:
+                continue
+            verdict = judge(wrapper, suspect=suspect)
+            if verdict is None:
+                self._told.discard((wrapper.alias, name))
+            else:
+                self._fix(wrapper, name, verdict, done, failed)
+        early = self._own_preflight(name, {r.alias for r in done})
+        if not (done or failed or early):
+            return HEALTHY
+        return Outcome((*early, *done), tuple(failed))
+
+    def _own_preflight(self, name: str, repaired: set[str]) -> list[Repair]:
+        """Take what the look before queries did to ``name``'s connections; leave the rest.
+
+        Once per connection and kind, and not for one this check repaired itself
+        (its notice names the same loss), as :meth:`_with_preflight` does.
+        """
+        found = self._tracker.preflight.found
+        early: dict[tuple[str, str], Repair] = {}
+        for _ in range(len(found)):
+            try:
+                wrapper, record = found.popleft()
+            except IndexError:  # the home thread's check drained it meanwhile
+                break
+            if record.thread != name:
+                found.append((wrapper, record))  # another thread's, for its check
+                continue
+            if record.alias not in repaired:
+                early[record.alias, record.action] = record
+                self._last[wrapper] = record
+        return list(early.values())
+
+    @contextlib.contextmanager
+    def _may_touch(self, tracked: Tracked) -> Iterator[bool]:
+        """Hold ``tracked`` still while the block runs; yield whether this thread may touch it.
+
+        Its own thread may, always (it runs this, not a query); a thread that
+        runs cells of its own may not while one runs; else as
+        :meth:`ConnectionTracker.hold` says.
+        """
+        thread = tracked.thread
+        if thread is threading.current_thread():
+            yield True
+            return
+        lock = None if thread is None else self._cell_locks.get(thread)
+        if lock is not None and not lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            with self._tracker.hold(tracked) as free:
+                yield free
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _with_preflight(self, outcome: Outcome) -> Outcome:
         """Add what was done or seen just before queries since the last check.
@@ -385,7 +598,8 @@ class Checkup:
                 ),
             )
         except Error as exc:
-            log.warning("ipy_dbreset: could not repair %s in thread %s", *key, exc_info=True)
+            # The notice says it and logs it as an error; the traceback is for debugging.
+            log.debug("ipy_dbreset: could not repair %s in thread %s", *key, exc_info=True)
             failed.append(Failure(*key, _error(exc)))
             return
         if result.keep_manual:
@@ -414,15 +628,15 @@ class Checkup:
             if wanted is not None and wrapper.alias not in wanted:
                 continue
             key = (wrapper.alias, tracked.thread_name)
-            with self._tracker.hold(tracked) as free:
+            with self._may_touch(tracked) as free:
                 if not free:
-                    log.info("ipy_dbreset: %s in thread %s is in use; not reset", *key)
+                    log.debug("ipy_dbreset: %s in thread %s is in use; not reset", *key)
                     skipped.append(key)
                     continue
                 try:
                     result = touching(wrapper, partial(reset, wrapper, thread=tracked.thread_name))
                 except Error as exc:
-                    log.warning("ipy_dbreset: could not reset %s in thread %s", *key, exc_info=True)
+                    log.debug("ipy_dbreset: could not reset %s in thread %s", *key, exc_info=True)
                     failed.append(Failure(*key, _error(exc)))
                     continue
             if result is not None:

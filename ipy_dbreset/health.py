@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ipy_dbreset.drivers import Liveness, Transaction, driver_for
 from ipy_dbreset.ledger import status_text, tally_of
+from ipy_dbreset.transactions import state_of
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -72,7 +73,9 @@ def judge(wrapper: BaseDatabaseWrapper, *, suspect: bool = False) -> Verdict | N
         # After an interrupt the failed statement is, most likely, the cancelled query.
         cause = "a cancelled query" if suspect else "a failed statement"
         return Verdict(Problem.ABORTED, f"{cause} aborted the transaction")
-    if link.transaction is Transaction.ACTIVE:
+    if link.transaction is Transaction.ACTIVE and not driver.streaming(wrapper):
+        # (A stream() the user still reads from is theirs: finishing it and
+        # committing keeps the transaction.)
         return Verdict(Problem.STUCK, "a query was left running")
     if wrapper.in_atomic_block and wrapper.needs_rollback:
         return Verdict(Problem.MARKED, "a query failed inside the atomic block")
@@ -84,10 +87,15 @@ def open_work(wrapper: BaseDatabaseWrapper) -> str | None:
 
     Uses only Django's bookkeeping, so it is safe on a dead connection.
     """
-    if wrapper.in_atomic_block:
-        depth = len(wrapper.atomic_blocks)
-        return "an atomic block" if depth <= 1 else f"{depth} nested atomic blocks"
-    if wrapper.connection is not None and not wrapper.autocommit:
+    state = state_of(wrapper)
+    if state.in_atomic_block:
+        blocks = "an atomic block" if state.blocks <= 1 else f"{state.blocks} nested atomic blocks"
+        if not state.manual:
+            return blocks
+        # Autocommit was off around the outermost block; with no block left,
+        # Django is still in the user's manual transaction.
+        return f"a manual transaction and {blocks}" if state.blocks else "a manual transaction"
+    if state.manual:
         return "a manual transaction"
     return None
 
@@ -153,7 +161,7 @@ def snapshot(wrapper: BaseDatabaseWrapper) -> Snapshot:
     elif link.transaction is Transaction.INERROR:
         transaction = "aborted transaction"
     elif link.transaction is Transaction.ACTIVE:
-        transaction = "query running"
+        transaction = "streaming a result" if driver.streaming(wrapper) else "query running"
     elif wrapper.in_atomic_block:
         transaction = f"in {open_work(wrapper)}"
         if wrapper.needs_rollback:

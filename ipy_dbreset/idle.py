@@ -5,13 +5,17 @@ On a shared PostgreSQL (a JupyterHub, a team's database with
 days, and a worker thread's connection outlives its thread until the garbage
 collector finds it.  :class:`IdleKeeper` does three things between cells:
 
-* With ``release_after`` seconds set, it closes the shell thread's
-  connections once the shell has waited that long for input, if a reconnect
-  would lose nothing: no transaction, no atomic block, autocommit on, and no
-  session state among the statements the connection ran since it opened
-  (``SET``, temporary tables, advisory locks, ``LISTEN``, ``PREPARE``, cursors
-  declared or held open).  The next query reconnects as Django always does.
-* It closes the connections of other threads once they have ended.
+* With ``release_after`` seconds set, it closes idle connections once the
+  shell has waited that long for input, if a reconnect would lose nothing: no
+  transaction, no atomic block, autocommit on, and no session state among the
+  statements the connection ran since it opened (``SET``, temporary tables,
+  advisory locks, ``LISTEN``, ``PREPARE``, cursors declared or held open).
+  The next query reconnects as Django always does.  Those are the shell
+  thread's, and those of other threads that run none of their own code (a
+  pool worker waiting for its next job, as the async ORM's thread does
+  between cells) and ran no query for that long either.
+* It closes the connections of other threads once they have ended, and lets
+  the tracker forget them.
 * It points out, once, a transaction left open between cells for longer than
   ``long_transaction`` seconds, without touching it.
 
@@ -41,7 +45,7 @@ from ipy_dbreset.display import where
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import judge, open_work
 from ipy_dbreset.repair import Repair, _drop
-from ipy_dbreset.tracking import borrowed, outside_event_loop
+from ipy_dbreset.tracking import Tracked, borrowed, outside_event_loop, waiting_for_work
 
 if TYPE_CHECKING:
     from collections.abc import Callable, MutableMapping, Sequence
@@ -86,9 +90,11 @@ class Watch:
     cells may use the shell thread's connections too).
     """
 
-    __slots__ = ("cursors", "kept", "lock", "watched")
+    __slots__ = ("cursors", "kept", "last", "lock", "thread", "watched")
 
-    def __init__(self) -> None:
+    def __init__(self, thread: threading.Thread | None = None) -> None:
+        self.thread = thread
+        """The thread that owns the connection (``None``: the shell's)."""
         self.lock = threading.RLock()  # held while a query runs
         self.watched = False
         """Whether it has seen every statement since the connection opened."""
@@ -96,18 +102,25 @@ class Watch:
         """The first statement seen that left state in the session (None: none yet)."""
         self.cursors: list[weakref.ref[Any]] = []
         """Server-side cursors opened (``QuerySet.iterator()``): open ones hold the session."""
+        self.last = 0.0
+        """``time.monotonic()`` when its last query ended (another thread's may run any time)."""
 
     def opened(self) -> None:
         """The connection is new: nothing of the old session's is left."""
         self.watched, self.kept, self.cursors = True, None, []
+        self.last = time.monotonic()  # its thread is about to use it
 
     def __call__(
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
     ) -> Any:
+        __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
         with self.lock:
             if self.kept is None:
                 self._see(sql, context)
-            return execute(sql, params, many, context)
+            try:
+                return execute(sql, params, many, context)
+            finally:
+                self.last = time.monotonic()
 
     def _see(self, sql: Any, context: Any) -> None:
         if not isinstance(sql, str):  # a composed statement (psycopg.sql): no telling
@@ -156,8 +169,8 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60} min"
 
 
-Said = tuple[int, str]
-"""A line for the user and the verbosity from which it is said."""
+Said = tuple[int, "str | Repair"]
+"""A line (or a repair) for the user and the verbosity from which it is said."""
 
 
 class IdleKeeper:
@@ -249,14 +262,14 @@ class IdleKeeper:
     def _created(self, sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
         # Django's own statements at connect (time zone, role) ran before this
         # signal and run again on reconnect: only what comes after counts.
-        if threading.current_thread() is not self.tracker.home_thread:
-            return  # another thread's connection is its own business
         if connection.vendor not in _SERVERS:
             return
+        thread = threading.current_thread()
         with self._cond:
             watch = self._watches.get(connection)
             if watch is None:
-                watch = self._watches[connection] = Watch()
+                owner = None if thread is self.tracker.home_thread else thread
+                watch = self._watches[connection] = Watch(owner)
                 # First, not last: Django's execute_wrapper() context manager
                 # pops the last one on exit, which must stay the user's own.
                 connection.execute_wrappers.insert(0, watch)
@@ -343,13 +356,13 @@ class IdleKeeper:
     # -- ended threads ---------------------------------------------------------
 
     def _close_ended(self) -> list[Said]:
+        """Close the connections of ended threads, and forget them."""
         said: list[Said] = []
-        self._threads, self._version = threading.active_count(), self.tracker.version
-        if not self.tracker.has_others():
-            return said
-        for tracked in self.tracker.others():
+        tracker = self.tracker
+        # (others() forgets those of ended threads that are closed already.)
+        for tracked in tracker.others() if tracker.has_others() else ():
             wrapper, thread = tracked.wrapper, tracked.thread
-            if thread is None or thread.is_alive() or wrapper.connection is None:
+            if thread is None or thread.is_alive():
                 continue
             # An ended thread cannot be using it, nor end what it holds.
             work = open_work(wrapper)
@@ -364,6 +377,9 @@ class IdleKeeper:
                     exc,
                 )
                 continue
+            finally:
+                # Nobody can use it again; what the driver did not close goes with it.
+                tracker.forget(wrapper)
             done = Repair(
                 wrapper.alias,
                 "closed",
@@ -372,8 +388,10 @@ class IdleKeeper:
                 thread=thread.name,
             )
             self._last[wrapper] = done
-            log.info("ipy_dbreset: %s", done.describe())
-            said.append((1 if work else 2, done.describe()))
+            log.debug("ipy_dbreset: %s", done.describe())  # the notice logs it, at its level
+            said.append((1 if work else 2, done))
+        # After forgetting, which counts as a change: the next cell need not look again.
+        self._threads, self._version = threading.active_count(), tracker.version
         return said
 
     # -- the release thread ----------------------------------------------------
@@ -391,42 +409,71 @@ class IdleKeeper:
                 if delay > 0:
                     cond.wait(delay)
                     continue
-                self._deadline = None
-                self._release()
+                self._deadline = self._release()
 
-    def _release(self) -> None:
-        """Close every watched connection a reconnect would lose nothing of (lock held)."""
+    def _release(self) -> float | None:
+        """Close every watched connection a reconnect would lose nothing of (lock held).
+
+        Returns when to look again at another thread's connection that was used
+        since the shell became idle (``None``: not before the next cell ends).
+        """
+        again = None
         for wrapper, watch in list(self._watches.items()):
             if wrapper.connection is None or watch.holds() is not None:
                 continue
-            if not wrapper.autocommit or wrapper.in_atomic_block or judge(wrapper) is not None:
-                # Open work, or the user's manual mode (a reconnect turns autocommit
-                # back on), or broken: the checkup's business at the next cell.
+            thread = watch.thread
+            if thread is None:
+                released = self._release_one(wrapper, watch)
+            elif not thread.is_alive():
+                continue  # closed, and its loss told, after the next cell (_close_ended)
+            elif time.monotonic() - watch.last < self.release_after:
+                # Its thread used it since the shell became idle (and may be
+                # using it right now): not idle for long enough yet.
+                later = watch.last + self.release_after
+                again = later if again is None else min(again, later)
                 continue
-            state = driver_for(wrapper.connection).link(wrapper).transaction
-            if state not in (Transaction.IDLE, Transaction.UNKNOWN):
-                continue  # (mysqlclient's is UNKNOWN: with autocommit on, none stays open)
-            if not watch.lock.acquire(blocking=False):
-                continue  # a query of code the event loop runs is under way
-            try:
-                with borrowed(wrapper):
-                    wrapper.close()
-            except Error as exc:
-                log.warning("ipy_dbreset: could not release %s: %s", wrapper.alias, exc)
+            else:
+                # Only while its thread waits for its next job, and no query runs:
+                # a thread running its own code may be about to use it.
+                with self.tracker.hold(Tracked(wrapper, thread), idle=True) as free:
+                    released = free and self._release_one(wrapper, watch)
+            if not released:
                 continue
-            finally:
-                watch.lock.release()
             # Closed without a query: the checkup's fast path must look again.
             self.tracker.version += 1
             done = Repair(
                 wrapper.alias,
                 "closed",
                 f"idle for {_duration(self.release_after)} (idle_release)",
+                thread=None if thread is None else thread.name,
                 hint="the next query reconnects",
             )
             self._last[wrapper] = done
-            log.info("ipy_dbreset: %s", done.describe())
-            self._released.append((2, done.describe()))
+            log.debug("ipy_dbreset: %s", done.describe())  # the notice logs it, at its level
+            self._released.append((2, done))
+        return again
+
+    @staticmethod
+    def _release_one(wrapper: BaseDatabaseWrapper, watch: Watch) -> bool:
+        """Close ``wrapper`` if it holds nothing a reconnect would lose; whether it did."""
+        if not wrapper.autocommit or wrapper.in_atomic_block or judge(wrapper) is not None:
+            # Open work, or the user's manual mode (a reconnect turns autocommit
+            # back on), or broken: the checkup's business at the next cell.
+            return False
+        state = driver_for(wrapper.connection).link(wrapper).transaction
+        if state not in (Transaction.IDLE, Transaction.UNKNOWN):
+            return False  # (mysqlclient's is UNKNOWN: with autocommit on, none stays open)
+        if not watch.lock.acquire(blocking=False):
+            return False  # a query of code the event loop runs is under way
+        try:
+            with borrowed(wrapper):
+                wrapper.close()
+        except Error as exc:
+            log.warning("ipy_dbreset: could not release %s: %s", wrapper.alias, exc)
+            return False
+        finally:
+            watch.lock.release()
+        return True
 
     def kept(self, wrapper: BaseDatabaseWrapper) -> str | None:
         """Why an idle ``wrapper`` would not be released (``None``: it would be)."""
@@ -435,6 +482,13 @@ class IdleKeeper:
         watch = self._watches.get(wrapper)
         if watch is None:
             return "opened before idle_release was set"
+        if wrapper.in_atomic_block:
+            return f"in {open_work(wrapper)}"
+        if not wrapper.autocommit:
+            return "autocommit is off (a new connection would have it on)"
+        thread = watch.thread
+        if thread is not None and thread.is_alive() and not waiting_for_work(thread):
+            return "its thread is running (only a thread pool's idle worker is let go)"
         return watch.holds()
 
 

@@ -115,6 +115,17 @@ def in_kernel(shell: InteractiveShell | None) -> bool:
     return getattr(shell, "kernel", None) is not None or in_event_loop()
 
 
+def in_subshell(shell: InteractiveShell | None) -> bool:
+    """Whether this code runs in one of an ipykernel 7 kernel's subshells, not its main shell.
+
+    A subshell runs its cells in a thread of its own; the main shell's is the
+    one ipykernel's shell channel was started from.
+    """
+    channel = getattr(getattr(shell, "kernel", None), "shell_channel_thread", None)
+    main = getattr(channel, "parent_thread", None)
+    return main is not None and main is not threading.current_thread()
+
+
 def resets_sigint(shell: InteractiveShell | None) -> bool:
     """Whether the shell puts its own SIGINT handler back around every cell.
 

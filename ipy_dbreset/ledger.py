@@ -14,7 +14,12 @@ What is recorded
     Inside a transaction the statement is classified from the first
     :data:`PREFIX` characters of its SQL (cached by that prefix, unless it
     holds a string literal): a read, a write (kind and table), or transaction
-    control.  A failed statement wrote nothing and is not counted.
+    control.  A failed statement wrote nothing and is not counted; nor is one
+    that changed no row (``cursor.rowcount`` 0: an UPDATE that matched
+    nothing).  Rows are counted as the driver reports them (``rowcount``,
+    summed over an ``executemany``): a ``bulk_create`` of 500 objects is one
+    statement writing 500 rows.  A statement whose driver reports no count
+    (DDL) is a write of rows unknown, and the notice says "at least".
 
 Savepoints
     Django creates, rolls back to and releases savepoints through cursors
@@ -40,7 +45,8 @@ Transaction boundaries
 
 Cost
     A statement in autocommit mode costs two attribute reads; one in a
-    transaction a slice, a dict lookup and, for a write, a counter update.
+    transaction a slice, a dict lookup and, for a write, a read of the
+    driver's ``rowcount`` and a counter update.
     Memory per transaction is bounded: at most :data:`ENTRIES` distinct
     (kind, table) pairs per savepoint level, further writes only counted.
 """
@@ -50,14 +56,18 @@ from __future__ import annotations
 import functools
 import re
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import Error
+
+from ipy_dbreset import commits
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from django.db.backends.base.base import BaseDatabaseWrapper
+
 
 PREFIX = 120
 """Characters of a statement's SQL that are read to classify it."""
@@ -186,49 +196,99 @@ class Tally(NamedTuple):
     """Writes of a transaction (or part of one): counted, and itemised by kind and table."""
 
     writes: int
-    """Data-changing statements (rows of an ``executemany``)."""
-    entries: tuple[tuple[str, str | None, int], ...] = ()
-    """(kind, table, count), in the order first seen; at most :data:`ENTRIES` per level."""
+    """Data-changing statements that changed rows (or may have: see :attr:`unknown`);
+    each row of an ``executemany`` counts as one."""
+    entries: tuple[tuple[str, str | None, int, int], ...] = ()
+    """(kind, table, statements, rows), in the order first seen; at most :data:`ENTRIES`
+    per level.  ``rows`` counts what the driver reported (``cursor.rowcount``)."""
     since: float | None = None
     """``time.monotonic()`` when the transaction's first statement was seen."""
+    rows: int = 0
+    """Rows the driver reported written, over every statement of :attr:`writes`."""
+    unknown: int = 0
+    """Statements of :attr:`writes` for which the driver reports no row count (DDL)."""
+    idle: int = 0
+    """Data-changing statements that changed no row (not writes)."""
 
     @property
     def itemised(self) -> int:
-        return sum(n for _, _, n in self.entries)
+        return sum(n for _, _, n, _ in self.entries)
+
+    @property
+    def row_by_row(self) -> bool:
+        """Every statement whose rows are known wrote exactly one: count statements."""
+        return self.rows == self.writes - self.unknown
 
     def __sub__(self, other: Tally) -> Tally:
-        left = {(kind, table): n for kind, table, n in self.entries}
-        for kind, table, n in other.entries:
+        left = {(kind, table): [n, r] for kind, table, n, r in self.entries}
+        for kind, table, n, r in other.entries:
             if (kind, table) in left:
-                left[(kind, table)] -= n
-        entries = tuple((k, t, n) for (k, t), n in left.items() if n > 0)
-        return Tally(max(self.writes - other.writes, 0), entries, self.since)
+                left[(kind, table)][0] -= n
+                left[(kind, table)][1] -= r
+        entries = tuple((k, t, n, max(r, 0)) for (k, t), (n, r) in left.items() if n > 0)
+        return Tally(
+            max(self.writes - other.writes, 0),
+            entries,
+            self.since,
+            max(self.rows - other.rows, 0),
+            max(self.unknown - other.unknown, 0),
+            max(self.idle - other.idle, 0),
+        )
 
     def items(self) -> str:
-        """``INSERT shop_order x2, UPDATE shop_order`` (``+3 more`` for the unitemised)."""
-        parts = [
-            (f"{kind} {table}" if table else kind) + (f" x{n}" if n > 1 else "")
-            for kind, table, n in self.entries
-        ]
+        """``INSERT shop_order x2, UPDATE shop_order`` (``+3 more`` for the unitemised);
+        by rows when a statement wrote more or fewer than one: ``INSERT shop_order 500``."""
+        by_rows = not self.row_by_row
+        parts = []
+        for kind, table, n, rows in self.entries:
+            part = f"{kind} {table}" if table else kind
+            if by_rows:
+                part += f" {rows:,}" if rows else ""
+            elif n > 1:
+                part += f" x{n}"
+            parts.append(part)
         more = self.writes - self.itemised
         if more > 0:
             parts.append(f"+{more} more")
         return ", ".join(parts)
 
 
+class InFlight(NamedTuple):
+    """A COMMIT whose outcome its connection could not tell."""
+
+    tally: Tally
+    """What the transaction wrote."""
+    xid: int | None
+    """Its transaction id (PostgreSQL), if it could be noted."""
+    interrupted: bool
+    """Stopped by the user (the connection lived on), not lost with its connection."""
+    refused: str | None = None
+    """Why the server refused it (``its COMMIT was cancelled``): it rolled back, no doubt."""
+
+
 def _writes(n: int) -> str:
     return f"{n} write" if n == 1 else f"{n} writes"
 
 
+def _count(tally: Tally, unsaved: str) -> str:
+    """``2 unsaved writes``; ``2 unsaved statements writing 1,000 rows``."""
+    if tally.row_by_row:
+        return f"{tally.writes} {unsaved}{'write' if tally.writes == 1 else 'writes'}"
+    statements = "statement" if tally.writes == 1 else "statements"
+    rows = "row" if tally.rows == 1 and not tally.unknown else "rows"
+    least = "at least " if tally.unknown else ""
+    return f"{tally.writes} {unsaved}{statements} writing {least}{tally.rows:,} {rows}"
+
+
 def writes_text(tally: Tally, *, unsaved: bool = True) -> str:
-    """``2 unsaved writes (INSERT shop_order x2)``; ``1 write (DELETE shop_order)``."""
-    count = _writes(tally.writes)
-    if unsaved:
-        count = count.replace(" ", " unsaved ", 1)
-    return f"{count} ({tally.items()})"
+    """``2 unsaved writes (INSERT shop_order x2)``; ``1 write (DELETE shop_order)``;
+    ``2 unsaved statements writing 1,000 rows (INSERT shop_order 500, UPDATE shop_order 500)``."""
+    return f"{_count(tally, 'unsaved ' if unsaved else '')} ({tally.items()})"
 
 
 def _age(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"  # not "open 0 s": it is open
     if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 3600:
@@ -240,33 +300,72 @@ def status_text(tally: Tally | None) -> str:
     """``2 writes, open 12 s`` for ``%dbstatus``; empty when no transaction is known."""
     if tally is None or tally.since is None:
         return ""
-    return f"{_writes(tally.writes)}, open {_age(time.monotonic() - tally.since)}"
+    count = _writes(tally.writes)
+    if not tally.row_by_row:
+        count += f" ({'at least ' if tally.unknown else ''}{tally.rows:,} rows)"
+    return f"{count}, open {_age(time.monotonic() - tally.since)}"
 
 
 class _Level:
     """The writes since one savepoint (or since the transaction began: ``name`` None)."""
 
-    __slots__ = ("counts", "name", "writes")
+    __slots__ = ("counts", "idle", "name", "rows", "unknown", "writes")
 
     def __init__(self, name: str | None) -> None:
         self.name = name
-        self.counts: dict[tuple[str, str | None], int] = {}  # at most ENTRIES keys
+        # (kind, table) -> [statements, rows]; at most ENTRIES keys
+        self.counts: dict[tuple[str, str | None], list[int]] = {}
         self.writes = 0  # every write, itemised in counts or not
+        self.rows = 0  # rows the driver reported, over every write
+        self.unknown = 0  # writes whose rows the driver does not report
+        self.idle = 0  # data-changing statements that changed no row
 
-    def add(self, key: tuple[str, str | None], n: int) -> None:
+    def add(self, key: tuple[str, str | None], n: int, rows: int) -> None:
+        """``n`` statements of ``key`` wrote ``rows`` rows (negative: not reported)."""
         self.writes += n
+        if rows < 0:
+            self.unknown += n
+            rows = 0
+        self.rows += rows
         counts = self.counts
         if key in counts:
-            counts[key] += n
+            entry = counts[key]
+            entry[0] += n
+            entry[1] += rows
         elif len(counts) < ENTRIES:
-            counts[key] = n
+            counts[key] = [n, rows]
 
     def absorb(self, other: _Level) -> None:
         """Add every write of ``other``, itemised as far as :data:`ENTRIES` allows."""
-        items = list(other.counts.items())  # a copy: another thread may be recording
-        self.writes += other.writes - sum(n for _, n in items)
-        for key, n in items:
-            self.add(key, n)
+        items = [(key, list(entry)) for key, entry in list(other.counts.items())]  # a copy
+        self.writes += other.writes - sum(n for _, (n, _) in items)
+        self.rows += other.rows - sum(r for _, (_, r) in items)
+        self.unknown += other.unknown
+        self.idle += other.idle
+        for key, (n, rows) in items:
+            self.writes += n
+            self.rows += rows
+            counts = self.counts
+            if key in counts:
+                counts[key][0] += n
+                counts[key][1] += rows
+            elif len(counts) < ENTRIES:
+                counts[key] = [n, rows]
+
+
+def _counted_later(wrapper: BaseDatabaseWrapper, sql: Any) -> bool:
+    """Whether a row count of 0 only means "not counted yet": sqlite3 counts the rows
+    of a statement with ``RETURNING`` (Django's INSERT) as they are fetched."""
+    return wrapper.vendor == "sqlite" and (not isinstance(sql, str) or "RETURNING" in sql.upper())
+
+
+def _rowcount(cursor: Any) -> int:
+    """Rows the statement just run changed, as the driver reports it (-1: not reported)."""
+    try:
+        rows = cursor.cursor.rowcount  # Django's CursorWrapper, then the driver's cursor
+    except Exception:  # a driver that cannot tell: not known
+        return -1
+    return rows if isinstance(rows, int) else -1
 
 
 _HOOKED = ("commit", "rollback", "set_autocommit", "connect")
@@ -275,19 +374,34 @@ _HOOKED = ("commit", "rollback", "set_autocommit", "connect")
 class Ledger:
     """The writes of one connection's open transaction, per savepoint level."""
 
-    __slots__ = ("_hooks", "_levels", "since")
+    __slots__ = ("_hooks", "_levels", "_report", "in_flight", "known", "outcome", "since")
 
-    def __init__(self) -> None:
+    def __init__(self, *, known: bool = True) -> None:
         self._levels: list[_Level] = []
         """The transaction's base level, then one per open savepoint; empty: none known."""
         self.since: float | None = None
         """``time.monotonic()`` when the transaction's first statement was seen."""
-        self._hooks: dict[str, Callable[..., Any]] = {}  # ours, to take exactly them away
+        self.known = known
+        """Every statement of the open transaction (if any) was seen: an empty ledger
+        means nothing was written.  False for a connection tracked mid-transaction,
+        until its transaction ends."""
+        self.in_flight: InFlight | None = None
+        """A COMMIT of this connection's that wrote and did not go through as asked
+        (:mod:`ipy_dbreset.commits`)."""
+        self.outcome: str | None = None
+        """What the server said became of :attr:`in_flight`, for the next notice to tell."""
+        self._report: Callable[[], None] | None = None
+        # Ours, to take exactly them away; weakly, as the wrapper holds them and
+        # they hold the wrapper: the ledger must not keep its connection alive.
+        self._hooks: dict[str, weakref.ref[Callable[..., Any]]] = {}
 
     # -- recording: on the owner's thread, after each successful statement ----
 
-    def note(self, wrapper: BaseDatabaseWrapper, sql: Any, params: Any, many: bool) -> None:
-        """Record a statement that succeeded on ``wrapper`` (called by the execute wrapper)."""
+    def note(
+        self, wrapper: BaseDatabaseWrapper, sql: Any, params: Any, many: bool, cursor: Any
+    ) -> None:
+        """Record a statement that succeeded on ``wrapper`` (called by the execute wrapper,
+        with Django's cursor, whose driver cursor tells the rows it changed)."""
         if wrapper.autocommit and not wrapper.in_atomic_block:
             if self._levels:
                 self.clear()  # committed at once; what came before has ended too
@@ -302,8 +416,14 @@ class Ledger:
             levels.append(_Level(None))
             self.since = time.monotonic()
         if what == _WRITE:
+            rows = _rowcount(cursor)
+            if rows == 0:
+                if not _counted_later(wrapper, sql):
+                    levels[-1].idle += 1  # an UPDATE or DELETE that matched nothing wrote nothing
+                    return
+                rows = -1
             n = len(params) if many and hasattr(params, "__len__") else 1
-            levels[-1].add((action[1], action[2]), n)
+            levels[-1].add((action[1], action[2]), n, rows)
         elif what != _READ:
             self._control(what, action[1])
 
@@ -343,6 +463,7 @@ class Ledger:
     def clear(self) -> None:
         self._levels.clear()
         self.since = None
+        self.known = True  # the transaction is over: the next one is seen from its start
 
     # -- reading: by the owner, or while the connection is held still ----------
 
@@ -350,30 +471,43 @@ class Ledger:
         """What the open transaction holds, or ``None`` when none is known."""
         levels = list(self._levels)  # a copy: another thread may be recording
         if not levels:
-            return None
+            return Tally(0) if self.known else None
         total = _Level(None)
         for level in levels:
             total.absorb(level)
-        entries = tuple((k, t, n) for (k, t), n in total.counts.items())
-        return Tally(total.writes, entries, self.since)
+        entries = tuple((k, t, n, r) for (k, t), (n, r) in total.counts.items())
+        return Tally(total.writes, entries, self.since, total.rows, total.unknown, total.idle)
+
+    def savepoints(self) -> tuple[str, ...]:
+        """The savepoints open in the transaction, outermost first: Django's and the user's."""
+        return tuple(level.name for level in list(self._levels)[1:] if level.name)
 
     # -- hooks on the transaction boundaries that bypass execute wrappers -------
 
-    def install(self, wrapper: BaseDatabaseWrapper) -> None:
-        """Empty the ledger whenever ``wrapper`` commits, rolls back, or changes connection."""
+    def install(
+        self, wrapper: BaseDatabaseWrapper, report: Callable[[], None] | None = None
+    ) -> None:
+        """Empty the ledger whenever ``wrapper`` commits, rolls back, or changes connection.
+
+        ``report`` is called (from the committing thread) when a COMMIT did
+        not answer and the server is to be asked what became of it.
+        """
+        self._report = report
         for name in _HOOKED:
             if name not in self._hooks:
                 hook = self._hook(wrapper, name)
                 setattr(wrapper, name, hook)
-                self._hooks[name] = hook
+                self._hooks[name] = weakref.ref(hook)
 
     def remove(self, wrapper: BaseDatabaseWrapper) -> None:
         """Take exactly our hooks away (not one another extension put over them)."""
-        for name, hook in self._hooks.items():
-            if wrapper.__dict__.get(name) is hook:
+        for name, ref in self._hooks.items():
+            hook = ref()
+            if hook is not None and wrapper.__dict__.get(name) is hook:
                 delattr(wrapper, name)
         self._hooks.clear()
         self.clear()
+        self._report = None
 
     def _hook(self, wrapper: BaseDatabaseWrapper, name: str) -> Callable[..., Any]:
         # Django's method or the backend's override; looked up now, on the instance's class.
@@ -383,6 +517,7 @@ class Ledger:
         if name == "set_autocommit":
 
             def set_autocommit(*args: Any, **kwargs: Any) -> Any:
+                __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
                 before = wrapper.autocommit
                 result = original(*args, **kwargs)
                 if wrapper.autocommit != before:  # entering or leaving a transaction
@@ -394,12 +529,40 @@ class Ledger:
         if name == "connect":
 
             def connect(*args: Any, **kwargs: Any) -> Any:
+                __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
                 clear()  # whatever the old connection held is gone
                 return original(*args, **kwargs)
 
             return connect
 
+        if name == "commit":
+
+            def commit(*args: Any, **kwargs: Any) -> Any:
+                __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
+                tally = self.tally()
+                wrote = tally is not None and tally.writes > 0
+                xid = commits.transaction_id(wrapper) if wrote else None
+                try:
+                    result = original(*args, **kwargs)
+                except BaseException as exc:
+                    clear()  # committed or not, this transaction is over
+                    if wrote:
+                        assert tally is not None
+                        interrupted = not isinstance(exc, Error)
+                        refused = commits.refused(wrapper, exc)
+                        if xid == commits.LOST_BEFORE:
+                            xid, refused = None, "the connection was lost before its COMMIT"
+                        self.in_flight = InFlight(tally, xid, interrupted, refused)
+                        if self._report is not None:
+                            self._report()
+                    raise
+                clear()
+                return result
+
+            return commit
+
         def end(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
             try:
                 result = original(*args, **kwargs)
             except Error:
@@ -410,6 +573,32 @@ class Ledger:
 
         end.__name__ = name
         return end
+
+
+def outcome(wrapper: BaseDatabaseWrapper, flight: InFlight) -> str:
+    """What became of ``flight``, asked of the server: the notice's clause.
+
+    ``it rolled back: lost 2 unsaved writes (...)``, ``it committed: 2 writes
+    (...) are saved``, or why it cannot be known.
+    """
+    if flight.refused:
+        return f"it rolled back: lost {writes_text(flight.tally)}"
+    status = None if flight.xid is None else commits.ask(wrapper, flight.xid)
+    if status == "aborted":
+        return f"it rolled back: lost {writes_text(flight.tally)}"
+    if status == "committed":
+        verb = "is" if flight.tally.writes == 1 else "are"
+        return f"it committed: {writes_text(flight.tally, unsaved=False)} {verb} saved"
+    if wrapper.vendor != "postgresql":
+        why = f"{wrapper.display_name} cannot say"
+    elif flight.xid is None:
+        why = "its transaction id could not be noted"
+    else:
+        why = "the server could not be asked"
+    return (
+        f"whether it committed cannot be known ({why}): check for its "
+        f"{writes_text(flight.tally, unsaved=False)}"
+    )
 
 
 def ledger_of(wrapper: BaseDatabaseWrapper) -> Ledger | None:
@@ -438,7 +627,8 @@ def lost(work: str | None, tally: Tally | None, *, verb: str = "lost") -> str:
     if tally is None:
         return f"{verb} {work or 'its work'}"
     if not tally.writes:
-        return f"nothing written was lost ({work or 'it'} only read)"
+        did = "changed no row" if tally.idle else "only read"
+        return f"nothing written was lost ({work or 'it'} {did})"
     return f"{verb} {f'{work} with ' if work else ''}{writes_text(tally)}"
 
 

@@ -69,10 +69,12 @@ class Preflight:
         """What the hooks did or saw, and to which connection, oldest first; appended
         from any thread, drained by the between-cell check (deque appends and pops
         are thread-safe)."""
-        # Our hook on each wrapper, so that removal takes exactly ours away.
-        self._hooks: weakref.WeakKeyDictionary[BaseDatabaseWrapper, Callable[[], None]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Our hook on each wrapper, so that removal takes exactly ours away;
+        # weakly, as the wrapper holds it: the hook holds the wrapper, and a
+        # value that holds its own weak key would keep it forever.
+        self._hooks: weakref.WeakKeyDictionary[
+            BaseDatabaseWrapper, weakref.ref[Callable[[], None]]
+        ] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # connections of several threads are hooked at once
 
     def install(
@@ -95,18 +97,23 @@ class Preflight:
         found = self.found
         monotonic = time.monotonic
         last = 0.0  # when a cursor was last asked for; 0: look at the first one
+        # The dead connection whose loss was recorded: the queries that still
+        # meet it (the user catches the error and queries again, or enters an
+        # atomic block) are the same event, told once.
+        told: list[object] = [None]
 
         # A closure over the wrapper: wrappers hold cycles already (ops,
         # features, ... point back at them), so this one costs nothing more.
         def close_if_health_check_failed() -> None:
+            __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
             nonlocal last
             now = monotonic()
             if now - last > IDLE and wrapper.connection is not None:
                 if lock is None:
-                    _look(wrapper, thread, found)
+                    _look(wrapper, thread, found, told)
                 else:
                     with lock:
-                        _look(wrapper, thread, found)
+                        _look(wrapper, thread, found, told)
             last = now
             original()
 
@@ -114,15 +121,20 @@ class Preflight:
             if HOOK in wrapper.__dict__:
                 return
             setattr(wrapper, HOOK, close_if_health_check_failed)
-            self._hooks[wrapper] = close_if_health_check_failed
+            self._hooks[wrapper] = weakref.ref(close_if_health_check_failed)
+
+    def remove(self, wrapper: BaseDatabaseWrapper) -> None:
+        """Take our hook away from ``wrapper``, leaving it as Django made it."""
+        with self._lock:
+            ref = self._hooks.pop(wrapper, None)
+            hook = None if ref is None else ref()
+            if hook is not None and wrapper.__dict__.get(HOOK) is hook:
+                delattr(wrapper, HOOK)
 
     def remove_all(self) -> None:
         """Take every hook away again, leaving the wrappers as Django made them."""
-        with self._lock:
-            for wrapper, hook in list(self._hooks.items()):
-                if wrapper.__dict__.get(HOOK) is hook:
-                    delattr(wrapper, HOOK)
-            self._hooks.clear()
+        for wrapper in list(self._hooks.keys()):
+            self.remove(wrapper)
         self.found.clear()
 
     def drain(self) -> list[tuple[BaseDatabaseWrapper, Repair]]:
@@ -137,11 +149,17 @@ def _look(
     wrapper: BaseDatabaseWrapper,
     thread: str | None,
     found: deque[tuple[BaseDatabaseWrapper, Repair]],
+    told: list[object],
 ) -> None:
-    """Replace ``wrapper``'s connection if the server closed it and no transaction is open."""
+    """Replace ``wrapper``'s connection if the server closed it and no transaction is open.
+
+    ``told[0]`` is the dead connection whose lost transaction was recorded
+    already: it is recorded once, however many queries still meet it.
+    """
     raw = wrapper.connection
-    if raw is None:
+    if raw is None or raw is told[0]:
         return
+    told[0] = None
     driver_error: type[Exception] = wrapper.Database.Error  # type: ignore[attr-defined]
     try:
         closed = driver_for(raw).server_closed(wrapper)
@@ -161,7 +179,6 @@ def _look(
             lost="no transaction was open, nothing was lost",
             thread=thread,
         )
-        log.info("ipy_dbreset: %s", repair.describe())
     else:
         # Reconnecting would run the rest of the transaction's queries in
         # autocommit mode, without the work before them: let the query fail.
@@ -172,5 +189,8 @@ def _look(
             lost=lost(work, tally_of(wrapper)),
             thread=thread,
         )
-        log.warning("ipy_dbreset: %s", repair.describe())
+        told[0] = raw
+    # The user hears of it from the next check's notice, which is also its
+    # record at the level of what was lost (ipy_dbreset.output); here for tracing.
+    log.debug("ipy_dbreset: %s", repair.describe())
     found.append((wrapper, repair))

@@ -1,21 +1,26 @@
 """Repairing a broken Django connection without losing what could still be committed.
 
-The rule: clean up only what the database has already lost.
+The rule: clean up only what the database has already lost.  What to do is
+chosen from the connection's transaction state (:mod:`ipy_dbreset.transactions`).
 
-* A lost connection (or one with a query left running) is closed; Django
-  reconnects on the next query.  Its transaction was gone with it.
-* An aborted PostgreSQL transaction inside atomic blocks is unwound from the
-  innermost block outwards, exactly as Django does when an exception leaves a
-  block (roll back to the block's savepoint, or mark the enclosing one), and
-  stops as soon as the transaction is usable again, so outer work survives.
-* An aborted manual transaction (``set_autocommit(False)``) is rolled back, or
-  left to the user when asked to.
+* A lost connection (or one with a query left running) is closed and its
+  transaction forgotten, as Django's ``connect()`` forgets it; Django
+  reconnects on the next query, with autocommit off if the user had it off.
+* An aborted PostgreSQL transaction is rolled back to the innermost savepoint
+  from which it is usable again: the user's own (``transaction.savepoint()``),
+  which stays for their ``savepoint_rollback()``, or an atomic block's, by
+  leaving that block and those inside it exactly as Django does when an
+  exception leaves them.  What came before is kept: outer blocks, the manual
+  transaction around them.  With no savepoint, the whole transaction is rolled
+  back, or left to the user when asked to (a manual one).
 * An atomic block that Django marked for rollback while the database still
   holds a usable transaction (SQLite, MySQL, a non-database error) keeps all
   its work: only the mark is cleared.
 
-Every function here works on a wrapper of any thread; the caller decides
-whether touching it is safe (see :mod:`ipy_dbreset.tracking`).
+Pending ``on_commit`` callbacks that go with rolled-back work are counted
+(Django drops them, and so never runs them).  Every function here works on a
+wrapper of any thread; the caller decides whether touching it is safe (see
+:mod:`ipy_dbreset.tracking`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ipy_dbreset.display import repair_line
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge, open_work
 from ipy_dbreset.ledger import kept, ledger_of, lost, tally_of
+from ipy_dbreset.transactions import Point, TxState, state_of
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -58,6 +64,10 @@ class Repair:
     when: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     keep_manual: bool = False
     """The connection was in manual-transaction mode: reconnect with autocommit off."""
+    dropped_on_commit: int = 0
+    """Pending ``transaction.on_commit`` callbacks discarded with the work (never run)."""
+    gone_savepoints: tuple[str, ...] = ()
+    """The user's own savepoints (``transaction.savepoint()``) that went with the work."""
 
     def describe(self) -> str:
         """One line, without a prefix: ``'rolled back db 'default': ...; lost ...'``."""
@@ -74,12 +84,14 @@ def _leave_innermost_atomic_block(wrapper: BaseDatabaseWrapper) -> None:
     """Leave the innermost atomic block as if an exception had propagated out of it.
 
     This mirrors ``django.db.transaction.Atomic.__exit__`` on its error path
-    (``exc_type`` set) as Django 4.2 to 5.2 write it, compared line by line
-    with 5.2: an upgrade of Django should compare it again.  It works on a
-    given wrapper (``Atomic`` looks the connection up in the current thread,
-    which is not always the owner here).
+    (``exc_type`` set) as Django 4.2, 5.2 and 6.1 write it (the same in all
+    three, compared line by line): an upgrade of Django should compare it
+    again.  It works on a given wrapper (``Atomic`` looks the connection up in
+    the current thread, which is not always the owner here), and pops
+    ``atomic_blocks`` only when it holds a block: with autocommit off, Django
+    can leave ``in_atomic_block`` set with none left.
     """
-    if wrapper.in_atomic_block:
+    if wrapper.in_atomic_block and wrapper.atomic_blocks:
         wrapper.atomic_blocks.pop()
     sid = None
     if wrapper.savepoint_ids:
@@ -118,6 +130,83 @@ def _leave_innermost_atomic_block(wrapper: BaseDatabaseWrapper) -> None:
                 wrapper.in_atomic_block = False
 
 
+def _leave_atomic_blocks(wrapper: BaseDatabaseWrapper, count: int | None = None) -> None:
+    """Leave ``count`` atomic blocks (default: all), innermost first, as an exception would.
+
+    Bounded by the blocks Django lists, so that it ends whatever the flags say.
+    """
+    for _ in range(len(wrapper.atomic_blocks) if count is None else count):
+        if not wrapper.in_atomic_block:
+            return
+        _leave_innermost_atomic_block(wrapper)
+    if count is None and wrapper.in_atomic_block and not wrapper.atomic_blocks:
+        # In manual mode, with no block left to leave: Atomic.__exit__ of the
+        # outermost block would have ended here (``commit_on_exit`` False).
+        wrapper.savepoint_ids = []
+        wrapper.in_atomic_block = False
+        wrapper.needs_rollback = False
+
+
+def _usable(state: TxState) -> bool:
+    return not state.aborted and not (state.in_atomic_block and state.needs_rollback)
+
+
+def _roll_back_to_usable(wrapper: BaseDatabaseWrapper) -> Point | None:
+    """Roll back to the innermost savepoint from which the transaction is usable again.
+
+    The user's own savepoint (``transaction.savepoint()``) is rolled back to
+    and stays, the atomic blocks around it open; an atomic block's savepoint
+    is reached by leaving that block and those inside it, as an exception
+    would.  A savepoint the server refuses to roll back to is passed over for
+    the next one out.  With none left, the whole transaction is rolled back
+    (autocommit stays off in manual mode).  Returns the savepoint reached, or
+    ``None`` when the whole transaction was rolled back.
+    """
+    tried: set[str] = set()
+    reached: Point | None = None
+    while not _usable(state := state_of(wrapper)):
+        point = next((p for p in state.points() if p.sid not in tried), None)
+        if point is None:
+            _leave_atomic_blocks(wrapper)
+            if not wrapper.in_atomic_block and _transaction(wrapper) is Transaction.INERROR:
+                wrapper.rollback()
+            return None
+        tried.add(point.sid)
+        if point.users:
+            # What marked the block for rollback came after the savepoint, and
+            # Django refuses any statement while the mark is set: cleared first,
+            # as Django's documentation has the user do around savepoint_rollback().
+            marked, wrapper.needs_rollback = wrapper.needs_rollback, False
+            try:
+                wrapper.savepoint_rollback(point.sid)
+            except Error as exc:
+                wrapper.needs_rollback = marked
+                log.debug("ipy_dbreset: could not roll back to %s: %s", point.sid, exc)
+                continue
+        else:
+            _leave_atomic_blocks(wrapper, point.blocks)
+        reached = point
+    return reached
+
+
+def _forget_transaction(wrapper: BaseDatabaseWrapper) -> None:
+    """Forget a transaction that went with its connection, as Django's ``connect()`` does.
+
+    ``BaseDatabaseWrapper.connect()`` (Django 4.2 to 6.1) resets these flags
+    "in case the previous connection was closed while in an atomic block";
+    unwinding the blocks through ``Atomic.__exit__`` instead would leave, in
+    manual mode, ``in_atomic_block`` set and Django refusing to reconnect
+    ("Cannot open a new connection in an atomic block").
+    """
+    wrapper.in_atomic_block = False
+    wrapper.savepoint_ids = []
+    wrapper.atomic_blocks = []
+    wrapper.needs_rollback = False
+    wrapper.closed_in_transaction = False
+    wrapper.run_on_commit = []  # not run: they were waiting for a commit that cannot come
+    wrapper.connection = None
+
+
 class _Expected(logging.Filter):
     """Hide the pool's warnings about connections we are knowingly discarding."""
 
@@ -143,8 +232,12 @@ def _pool(wrapper: BaseDatabaseWrapper) -> Any:
     return getattr(wrapper, "pool", None)
 
 
-def _drop(wrapper: BaseDatabaseWrapper) -> None:
-    """Close a connection that cannot be used again and forget its transaction."""
+def _drop(wrapper: BaseDatabaseWrapper) -> int:
+    """Close a connection that cannot be used again and forget its transaction.
+
+    Returns how many pending ``on_commit`` callbacks were dropped with it.
+    """
+    dropped = len(wrapper.run_on_commit)
     raw = wrapper.connection
     if raw is not None:
         # Close the driver connection first so that a pool (Django 5.1+) sees
@@ -157,14 +250,11 @@ def _drop(wrapper: BaseDatabaseWrapper) -> None:
             raw.close()
     with _quiet_pool(), contextlib.suppress(Error):
         wrapper.close()
-    if wrapper.in_atomic_block:
-        wrapper.closed_in_transaction = True
-        while wrapper.in_atomic_block:
-            _leave_innermost_atomic_block(wrapper)
-    wrapper.connection = None
+    _forget_transaction(wrapper)
     ledger = ledger_of(wrapper)
     if ledger is not None:
         ledger.clear()  # its transaction went with the connection
+    return dropped
 
 
 def repair(
@@ -179,7 +269,7 @@ def repair(
     Run it where touching ``wrapper`` is allowed (:func:`ipy_dbreset.tracking.touching`).
     """
     done = _repair(wrapper, verdict, thread, leave_manual_transactions)
-    log.info("ipy_dbreset: %s", done.describe())
+    log.debug("ipy_dbreset: %s", done.describe())  # the notice logs it, at its level
     return done
 
 
@@ -199,12 +289,13 @@ def _repair(
             thread=thread,
             hint="the transaction is kept",
         )
+    state = state_of(wrapper)
     if verdict.problem in (Problem.LOST, Problem.STUCK):
         work = open_work(wrapper)
         tally = tally_of(wrapper)
-        manual = wrapper.connection is not None and not wrapper.autocommit
-        manual = manual and not wrapper.in_atomic_block
-        _drop(wrapper)
+        ledger = ledger_of(wrapper)
+        said = None if ledger is None else ledger.outcome  # of a COMMIT that did not answer
+        dropped = _drop(wrapper)
         pool = _pool(wrapper)
         if pool is not None and not pool.closed:
             # Whatever killed this connection (a server restart, a DBA) most
@@ -212,74 +303,106 @@ def _repair(
             # so that the next query does not get one of them.
             with _quiet_pool():
                 pool.check()
+        if said is not None:
+            assert ledger is not None
+            ledger.outcome = None  # told here
+            return Repair(
+                alias,
+                "closed",
+                f"{reason} during its COMMIT",
+                lost=said,
+                thread=thread,
+                hint=_next_query(state.manual, lost=None),
+                keep_manual=state.manual,
+                dropped_on_commit=dropped,
+            )
         return Repair(
             alias,
             "closed",
             reason,
             lost=lost(work, tally) if work else None,
             thread=thread,
-            hint=_next_query(manual, lost=None if work else "nothing was lost"),
-            keep_manual=manual,
-        )
-    if verdict.problem is Problem.ABORTED and not wrapper.in_atomic_block:
-        if leave_manual:
-            return Repair(
-                alias,
-                "did not roll back",
-                reason,
-                thread=thread,
-                hint="run transaction.rollback() (or %dbreset) to continue",
-            )
-        tally = tally_of(wrapper)
-        wrapper.rollback()
-        return Repair(
-            alias,
-            "rolled back",
-            reason,
-            lost=lost(None, tally),
-            thread=thread,
-            # The user turned autocommit off (Django's flag, outside atomic blocks).
-            hint=None
-            if wrapper.get_autocommit()
-            else "autocommit is still off, so the next query opens a new transaction",
+            hint=_next_query(state.manual, lost=None if work else "nothing was lost"),
+            keep_manual=state.manual,
+            dropped_on_commit=dropped,
+            gone_savepoints=state.users_savepoints,
         )
     if verdict.problem is Problem.ABORTED:
-        depth = len(wrapper.atomic_blocks)
-        before = tally_of(wrapper)
-        while wrapper.in_atomic_block and (
-            wrapper.needs_rollback or _transaction(wrapper) is Transaction.INERROR
-        ):
-            _leave_innermost_atomic_block(wrapper)
-        left = depth - len(wrapper.atomic_blocks)
-        # The ledger saw the unwinding's ROLLBACK TO SAVEPOINT: what it still
-        # holds is the outer blocks' work.
-        after = tally_of(wrapper) if wrapper.in_atomic_block else None
-        gone = before if before is None or after is None else before - after
-        if not wrapper.in_atomic_block:
-            return Repair(
-                alias,
-                "rolled back",
-                reason,
-                lost=lost(_blocks(left), gone),
-                thread=thread,
-            )
-        outer = len(wrapper.atomic_blocks)
-        return Repair(
-            alias,
-            f"rolled back {_blocks(left, inner=True)} on",
-            reason,
-            lost=f"{lost(None, gone)}; {kept(_blocks(outer, outer=True, noun='block'), after)}",
-            thread=thread,
-        )
+        if leave_manual and not state.in_atomic_block:
+            hint = "run transaction.rollback() (or %dbreset) to continue"
+            if state.users_savepoints:
+                hint = (
+                    "run transaction.savepoint_rollback() to your savepoint, or "
+                    "transaction.rollback() (or %dbreset), to continue"
+                )
+            return Repair(alias, "did not roll back", reason, thread=thread, hint=hint)
+        return _unabort(wrapper, state, reason, thread)
     # Problem.MARKED: the database still holds a usable transaction.
     wrapper.needs_rollback = False
     return Repair(
         alias,
         "cleared Django's rollback mark on",
         reason,
-        lost=kept(_blocks(len(wrapper.atomic_blocks), noun="block"), tally_of(wrapper)),
+        lost=kept(_blocks(max(state.blocks, 1), noun="block"), tally_of(wrapper)),
         thread=thread,
         hint="%dbreset discards them",
+    )
+
+
+def _unabort(
+    wrapper: BaseDatabaseWrapper, state: TxState, reason: str, thread: str | None
+) -> Repair:
+    """Roll an aborted transaction back as little as makes it usable, and say what went."""
+    before = tally_of(wrapper)
+    point = _roll_back_to_usable(wrapper)
+    now = state_of(wrapper)
+    dropped = max(state.on_commit - now.on_commit, 0)
+    left = state.blocks - now.blocks
+    gone = tuple(sid for sid in state.users_savepoints if sid not in now.users_savepoints)
+    if point is None:
+        work = _blocks(left) if left else None
+        if work is not None and state.manual:
+            work = f"the manual transaction and {work}"
+        return Repair(
+            wrapper.alias,
+            "rolled back",
+            reason,
+            lost=lost(work, before),
+            thread=thread,
+            # The user turned autocommit off (Django's flag, outside atomic blocks).
+            hint=None
+            if wrapper.get_autocommit()
+            else "autocommit is still off, so the next query opens a new transaction",
+            dropped_on_commit=dropped,
+            gone_savepoints=gone,
+        )
+    # The ledger saw the ROLLBACK TO SAVEPOINT: what it still holds is what was kept.
+    after = tally_of(wrapper)
+    spent = before if before is None or after is None else before - after
+    if point.users:
+        return Repair(
+            wrapper.alias,
+            f"rolled back to your savepoint {point.sid!r} on",
+            reason,
+            lost=f"{lost(None, spent)}; {kept('what came before it', after)}",
+            thread=thread,
+            hint="the savepoint stays, for savepoint_rollback() or savepoint_commit()",
+            dropped_on_commit=dropped,
+            gone_savepoints=gone,
+        )
+    if now.blocks:
+        outer = _blocks(now.blocks, outer=True, noun="block")
+        rest = f"the manual transaction and {outer}" if now.manual else outer
+    else:
+        rest = "the manual transaction"
+    return Repair(
+        wrapper.alias,
+        f"rolled back {_blocks(left, inner=bool(now.blocks))} on",
+        reason,
+        lost=f"{lost(None, spent)}; {kept(rest, after)}",
+        thread=thread,
+        dropped_on_commit=dropped,
+        gone_savepoints=gone,
     )
 
 
@@ -306,36 +429,33 @@ def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair 
     Returns ``None`` when there was nothing to reset (not connected).  Run it
     where touching ``wrapper`` is allowed (:func:`ipy_dbreset.tracking.touching`).
     """
-    if wrapper.connection is None and not wrapper.in_atomic_block:
+    state = state_of(wrapper)
+    if not state.connected and not state.in_atomic_block:
         return None
     work = open_work(wrapper)
     tally = tally_of(wrapper)
-    # The user's mode, from Django's own flags: autocommit off outside atomic
-    # blocks, or an outermost block entered with it off (Atomic then leaves
-    # commit_on_exit False and autocommit alone).
-    manual = wrapper.connection is not None and not wrapper.autocommit
-    manual = manual and (not wrapper.in_atomic_block or not wrapper.commit_on_exit)
-    if wrapper.connection is None or judge(wrapper) is not None:
+    if not state.connected or judge(wrapper) is not None:
         # Nothing in it can be committed any more; do not try.
-        _drop(wrapper)
+        dropped = _drop(wrapper)
     else:
-        if not wrapper.in_atomic_block and _transaction(wrapper) is Transaction.IDLE:
+        if not state.in_atomic_block and state.status is Transaction.IDLE:
             work = None
-        while wrapper.in_atomic_block:
-            wrapper.needs_rollback = True
-            _leave_innermost_atomic_block(wrapper)
+        _leave_atomic_blocks(wrapper)
         if not wrapper.get_autocommit():
             wrapper.rollback()
         # A healthy connection goes back to its pool, if it has one.
         wrapper.close()
+        dropped = state.on_commit
     done = Repair(
         wrapper.alias,
         "reset",
         "",
         lost=lost(work, tally, verb="rolled back") if work else None,
         thread=thread,
-        hint=_next_query(manual, lost=None if work else "nothing was open"),
-        keep_manual=manual,
+        hint=_next_query(state.manual, lost=None if work else "nothing was open"),
+        keep_manual=state.manual,
+        dropped_on_commit=dropped,
+        gone_savepoints=state.users_savepoints,
     )
-    log.info("ipy_dbreset: %s", done.describe())
+    log.debug("ipy_dbreset: %s", done.describe())  # the notice logs it, at its level
     return done

@@ -3,7 +3,9 @@
 Django keeps one connection per alias *per thread*.  The cell's thread can list
 its own with ``connections.all(initialized_only=True)``; connections of other
 threads (the async ORM's executor thread in Jupyter, worker threads) are only
-seen when they are created, through Django's ``connection_created`` signal.
+seen when they are created, through Django's ``connection_created`` signal,
+and are kept until their thread has ended and they are closed: then they are
+forgotten, and freed with the rest of their thread's objects.
 
 Within one thread, Django's connections are not plain thread-locals either:
 its connection handler keeps them in an asgiref ``Local``, which, while an
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 import threading
@@ -49,6 +52,7 @@ from django.utils.connection import ConnectionDoesNotExist
 from ipy_dbreset.ledger import Ledger
 from ipy_dbreset.preflight import Preflight
 from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
+from ipy_dbreset.repair import Repair
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -65,7 +69,7 @@ T = TypeVar("T")
 _POOL_WORKER_LOOP = getattr(getattr(futures_thread, "_worker", None), "__code__", None)
 
 
-def _waiting_for_work(thread: threading.Thread) -> bool:
+def waiting_for_work(thread: threading.Thread) -> bool:
     """Whether ``thread`` is a pool worker waiting for a job, running none of its own code."""
     frame = sys._current_frames().get(thread.ident or -1)
     return frame is not None and frame.f_code is _POOL_WORKER_LOOP
@@ -153,6 +157,7 @@ class _Guard:
     def __call__(
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
     ) -> Any:
+        __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
         with self.lock:
             return execute(sql, params, many, context)
 
@@ -183,10 +188,19 @@ class Mark:
     queued here, and per-cell work does not grow with the number of idle ones.
     """
 
-    __slots__ = ("__weakref__", "_queue", "ledger", "used", "wrapper")
+    __slots__ = ("__weakref__", "_queue", "_told", "ledger", "used", "wrapper")
 
-    def __init__(self, wrapper: BaseDatabaseWrapper, queue: list[Mark]) -> None:
+    def __init__(
+        self,
+        wrapper: BaseDatabaseWrapper,
+        queue: list[Mark],
+        *,
+        fresh: bool = True,
+        unsettled: list[Mark] | None = None,
+        told: Callable[[BaseDatabaseWrapper, Repair], None] | None = None,
+    ) -> None:
         self._queue = queue
+        self._told = told  # for what the next check is to say of an interrupted query
         self.used = False
         """Queued and not yet taken: a further query need not queue it again."""
 
@@ -195,9 +209,12 @@ class Mark:
 
         self.wrapper: weakref.ref[BaseDatabaseWrapper] = weakref.ref(wrapper, gone)
         """Weak: another thread's connection goes with its thread."""
-        self.ledger = Ledger()
+        # Fresh (just connected, or in autocommit outside atomic blocks): the
+        # ledger sees its transactions from their start.
+        self.ledger = Ledger(known=fresh)
         """What the connection's open transaction holds (:mod:`ipy_dbreset.ledger`)."""
-        self.ledger.install(wrapper)
+        report = None if unsettled is None else (lambda: unsettled.append(self))
+        self.ledger.install(wrapper, report)
 
     def _note(self) -> None:
         if not self.used:
@@ -207,14 +224,57 @@ class Mark:
     def __call__(
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
     ) -> Any:
+        __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
         try:
             result = execute(sql, params, many, context)
+        except KeyboardInterrupt:
+            if self._told is not None:
+                _interrupted(context["connection"], self._told)
+            raise
         finally:
             # After the query, not before: a look taken while it runs is
             # followed by another once it is over.
             self._note()
-        self.ledger.note(context["connection"], sql, params, many)  # only what succeeded
+        self.ledger.note(context["connection"], sql, params, many, context["cursor"])
         return result
+
+
+def _interrupted(
+    wrapper: BaseDatabaseWrapper, told: Callable[[BaseDatabaseWrapper, Repair], None]
+) -> None:
+    """Say what became of a query interrupted outside any transaction (psycopg 3).
+
+    psycopg 3 sends the server a cancel on Ctrl-C and the stop button, waits for
+    the query's end, and raises a bare ``KeyboardInterrupt`` either way.  libpq
+    keeps the error of the last command until the next one is sent: set, the
+    server cancelled the query; empty, the query had ended before the cancel
+    reached it, and what it did stands.  Inside a transaction the check's own
+    repair tells what the interrupt cost.
+    """
+    pgconn = getattr(wrapper.connection, "pgconn", None)
+    if pgconn is None or wrapper.in_atomic_block or not wrapper.autocommit:
+        return
+    try:
+        if pgconn.transaction_status != 0:  # psycopg.pq.TransactionStatus.IDLE
+            return  # still busy, or the connection is gone: the check's business
+        cancelled = bool(pgconn.error_message)
+    except Exception:  # a connection psycopg has let go of: nothing known here
+        return
+    if cancelled:
+        done = Repair(
+            wrapper.alias,
+            "the server cancelled a query on",
+            "it was interrupted",
+            lost="no transaction was open, nothing else was lost",
+        )
+    else:
+        done = Repair(
+            wrapper.alias,
+            "a query had ended on",
+            "before its interrupt reached the server",
+            lost="no transaction was open: what it did stands, its result was dropped",
+        )
+    told(wrapper, done)
 
 
 class ConnectionTracker:
@@ -230,10 +290,11 @@ class ConnectionTracker:
         self.home_thread = home or threading.current_thread()
         """The shell's thread: its connections are the ones cells use."""
         # Other threads' connections, with their thread and the guard put on
-        # them; weak, so that a connection goes with its thread.
-        self._others: weakref.WeakKeyDictionary[
-            BaseDatabaseWrapper, tuple[threading.Thread, _Guard]
-        ] = weakref.WeakKeyDictionary()
+        # them.  Held until forget(): once its thread has ended, a connection is
+        # closed (and what it lost told) by whoever lists them, not at the
+        # garbage collector's whim, which would keep a pooled connection from
+        # its pool and say nothing.
+        self._others: dict[BaseDatabaseWrapper, tuple[threading.Thread, _Guard]] = {}
         self._uid = f"ipy_dbreset-{id(self)}"  # our receiver of connection_created
         self.version = 0
         """Bumped whenever a connection is opened, so that cached views can notice."""
@@ -249,6 +310,9 @@ class ConnectionTracker:
         )  # every tracked connection's Mark, in every thread
         self.used: list[Mark] = []
         """Marks of the connections that ran a query since :meth:`take_used`; any thread appends."""
+        self.unsettled: list[Mark] = []
+        """Marks of the connections whose COMMIT did not answer (:mod:`ipy_dbreset.commits`),
+        for the next check to ask the server about; any thread appends."""
         self.preflight = Preflight()
         """Looks at every tracked connection before its queries (:mod:`ipy_dbreset.preflight`)."""
         self.on_created: list[Callable[[BaseDatabaseWrapper], None]] = []
@@ -262,7 +326,7 @@ class ConnectionTracker:
         opened = [w for w in connections.all(initialized_only=True) if w.connection is not None]
         self._home.update(opened)
         for wrapper in self._home:
-            self._mark(wrapper)
+            self._mark(wrapper, fresh=wrapper.autocommit and not wrapper.in_atomic_block)
             self.preflight.install(wrapper)
         self.version += 1
 
@@ -278,6 +342,7 @@ class ConnectionTracker:
                 mark.ledger.remove(wrapper)
             self._marks.clear()
         self.used.clear()
+        self.unsettled.clear()
         with self._lock:
             for wrapper, (_, guard) in list(self._others.items()):
                 if guard in wrapper.execute_wrappers:
@@ -310,14 +375,43 @@ class ConnectionTracker:
                 self._others[connection] = (thread, guard)
                 self.preflight.install(connection, thread=thread.name, lock=guard.lock)
 
-    def _mark(self, wrapper: BaseDatabaseWrapper) -> None:
+    def _mark(self, wrapper: BaseDatabaseWrapper, *, fresh: bool = True) -> None:
         with self._lock:
             if wrapper not in self._marks:
-                mark = self._marks[wrapper] = Mark(wrapper, self.used)
+                mark = self._marks[wrapper] = Mark(
+                    wrapper,
+                    self.used,
+                    fresh=fresh,
+                    unsettled=self.unsettled,
+                    told=self._tell,
+                )
                 # First, so outermost: it sees every query, and Django's
                 # execute_wrapper() context manager, which pops the last
                 # one on exit, never removes it instead of the user's own.
                 wrapper.execute_wrappers.insert(0, mark)
+
+    def _tell(self, wrapper: BaseDatabaseWrapper, done: Repair) -> None:
+        """Leave ``done`` for the next check to say (any thread)."""
+        thread = threading.current_thread()
+        if thread is not self.home_thread:
+            done = dataclasses.replace(done, thread=thread.name)
+        self.preflight.found.append((wrapper, done))
+
+    def forget(self, wrapper: BaseDatabaseWrapper) -> None:
+        """Stop tracking another thread's connection (its thread has ended): take
+        everything put on it away, so that it is freed with its thread's other objects."""
+        with self._lock:
+            entry = self._others.pop(wrapper, None)
+            mark = self._marks.pop(wrapper, None)
+        if entry is not None and entry[1] in wrapper.execute_wrappers:
+            wrapper.execute_wrappers.remove(entry[1])
+        if mark is not None:
+            if mark in wrapper.execute_wrappers:
+                wrapper.execute_wrappers.remove(mark)
+            mark.ledger.remove(wrapper)
+        self.preflight.remove(wrapper)
+        self._on_connect.pop(wrapper, None)
+        self.version += 1  # what the checkup keeps of it must go too
 
     def mark_of(self, wrapper: BaseDatabaseWrapper) -> Mark | None:
         return self._marks.get(wrapper)
@@ -354,9 +448,20 @@ class ConnectionTracker:
         return bool(self._others)
 
     def others(self) -> list[Tracked]:
-        """Other threads' connections."""
+        """Other threads' connections: those of live threads, and those of ended
+        threads still connected (closing them is :mod:`ipy_dbreset.idle`'s).
+
+        The connections of ended threads that are closed are forgotten here.
+        """
         with self._lock:
-            return [Tracked(wrapper, thread) for wrapper, (thread, _) in self._others.items()]
+            found = [(wrapper, thread) for wrapper, (thread, _) in self._others.items()]
+        live = []
+        for wrapper, thread in found:
+            if wrapper.connection is None and not thread.is_alive():
+                self.forget(wrapper)  # nobody can use it again
+            else:
+                live.append(Tracked(wrapper, thread))
+        return live
 
     def __iter__(self) -> Iterator[Tracked]:
         """Every connection in use: the home thread's first, then other threads'.
@@ -368,23 +473,30 @@ class ConnectionTracker:
         yield from self.others()
 
     @contextlib.contextmanager
-    def hold(self, tracked: Tracked) -> Iterator[bool]:
+    def hold(self, tracked: Tracked, *, idle: bool = False) -> Iterator[bool]:
         """Hold ``tracked`` still while the block runs; yield whether it may be touched.
 
         ``False``: its thread is running one of its queries, or is somewhere
         between two queries of its transaction (only that thread may end it).
+        ``idle``: touched only if its thread runs none of its own code (it has
+        ended, or is a pool worker waiting for a job), transaction or not, as
+        closing a healthy connection its thread may be about to use asks.
         """
         thread = tracked.thread
         if thread is None or not thread.is_alive():
             yield True
             return
         wrapper = tracked.wrapper
-        lock = self._others[wrapper][1].lock  # held by its guard around each query
+        entry = self._others.get(wrapper)
+        if entry is None:  # not (or no longer) tracked: nothing holds it still
+            yield False
+            return
+        lock = entry[1].lock  # held by its guard around each query
         held = lock.acquire(blocking=False)
         if (
             held
-            and (wrapper.in_atomic_block or not wrapper.autocommit)
-            and not _waiting_for_work(thread)
+            and (idle or wrapper.in_atomic_block or not wrapper.autocommit)
+            and not waiting_for_work(thread)
         ):
             lock.release()
             held = False

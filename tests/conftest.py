@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -33,7 +33,11 @@ if TYPE_CHECKING:
 # psycopg 3 is optional (psycopg2 is a dependency).  Decided before the
 # fixtures' own copy of psycopg 3 (psycopg2-only nox sessions) joins sys.path,
 # which only this process sees.
-DRIVERS = tuple(name for name in ("psycopg", "psycopg2") if importlib.util.find_spec(name))
+# IPY_DBRESET_TEST_DRIVERS=psycopg: those alone (a nox session named for one driver).
+_CHOSEN = os.environ.get("IPY_DBRESET_TEST_DRIVERS", "psycopg,psycopg2").split(",")
+DRIVERS = tuple(
+    name for name in ("psycopg", "psycopg2") if name in _CHOSEN and importlib.util.find_spec(name)
+)
 if os.environ.get("IPY_DBRESET_TEST_FIXTURE_PATH"):
     sys.path.append(os.environ["IPY_DBRESET_TEST_FIXTURE_PATH"])
 
@@ -45,6 +49,58 @@ MYSQL_HOST = os.environ.get("IPY_DBRESET_TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("IPY_DBRESET_TEST_MYSQL_PORT", "3306"))
 MYSQL_USER = os.environ.get("IPY_DBRESET_TEST_MYSQL_USER", "root")
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"  # Debian puts it in sbin
+
+
+# -- the random walk's options (tests/test_walk.py) -------------------------------------
+
+WALK_FIGURES = pytest.StashKey[list[str]]()
+"""One line of figures per walk run, for the summary at the end."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("walk", "the random walk through transactions and faults")
+    group.addoption(
+        "--walk-seeds",
+        default="1-3",
+        help="seeds of the InteractiveShell walks: N (1 to N), A-B, or A,B,C (default 1-3)",
+    )
+    group.addoption(
+        "--walk-kernel-seeds",
+        default="1",
+        help="seeds of the Jupyter kernel walks, as --walk-seeds (default 1; 0: none)",
+    )
+    group.addoption("--walk-steps", type=int, default=120, help="steps per walk (default 120)")
+    group.addoption(
+        "--walk-ops",
+        default="ci",
+        help=(
+            "the operations a walk draws from: ci (those CI runs), all, or a comma list of "
+            "names, each maybe +name / -name to add to or take from ci (default ci)"
+        ),
+    )
+    group.addoption(
+        "--walk-tolerate",
+        default="ci",
+        help=(
+            "kinds of violation to count and walk past, to see what lies beyond them: ci (those "
+            "CI tolerates: none), none, or a comma list of prefixes (notice, stderr, cell failed, "
+            "...; default ci)"
+        ),
+    )
+    group.addoption(
+        "--walk-shrink-seconds",
+        type=float,
+        default=240,
+        help="seconds a failing walk may spend looking for its shortest sequence (default 240)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    lines = config.stash.get(WALK_FIGURES, [])
+    if lines:
+        terminalreporter.section("random walk figures")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def unavailable(why: str) -> None:

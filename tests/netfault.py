@@ -12,6 +12,9 @@ cut off the way real networks cut them off:
   forwarding would not do: its own TCP stack would still acknowledge data.
 * :meth:`Path.thaw`: packets flow again.
 * :meth:`Path.reset`: every forwarded connection is closed with a reset.
+* :meth:`Path.mute_after`: once a client sends a given statement (``COMMIT``),
+  nothing the server sends back reaches that client: the server did the work,
+  its answer is lost on the way.
 
 Only the proxy's own port is ever dropped, never the server's.
 """
@@ -91,6 +94,8 @@ class Path:
         self._peers: dict[socket.socket, socket.socket] = {}
         self._stop = threading.Event()
         self._frozen = False
+        self._mute_after: bytes | None = None
+        self._muted: set[socket.socket] = set()  # server sides whose answers are dropped
         self._thread = threading.Thread(target=self._serve, name=f"path-{self.port}", daemon=True)
         self._thread.start()
 
@@ -133,7 +138,19 @@ class Path:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
                     sock.close()
 
+    def mute_after(self, statement: bytes | None) -> None:
+        """Drop every answer to a client once it has sent ``statement`` (``None``: no more)."""
+        with self._lock:
+            self._mute_after = statement
+            if statement is None:
+                self._muted.clear()
+
+    def muted(self) -> bool:
+        """Whether some client's answers are being dropped."""
+        return bool(self._muted)
+
     def _forget(self, sock: socket.socket) -> None:
+        self._muted.discard(sock)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._selector.unregister(sock)
         self._peers.pop(sock, None)
@@ -190,7 +207,11 @@ class Path:
             other = peers.get(sock)
             try:
                 data = sock.recv(65536)
-                if data and other is not None:
+                muting = self._mute_after
+                from_client = any(sock is client for client, _ in self._pairs)
+                if data and muting is not None and muting in data and from_client:
+                    self._muted.add(other)  # the server's side of this client
+                if data and other is not None and sock not in self._muted:
                     other.sendall(data)
             except OSError:
                 data = b""

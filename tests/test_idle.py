@@ -125,6 +125,18 @@ KEPT = {
 }
 
 
+REASONS = {
+    "SET": "session state (SET search_path TO)",
+    "temporary table": "session state (create temp table)",
+    "advisory lock": "session state (select pg_advisory_lock(42))",
+    "LISTEN": "session state (LISTEN orders)",
+    "server-side cursor": "an open server-side cursor",
+    "manual transaction": "autocommit is off",
+    "autocommit off, between transactions": "autocommit is off",
+    "atomic block": "in an atomic block",
+}
+
+
 @pytest.mark.parametrize("kind", list(KEPT))
 def test_connection_holding_session_state_or_a_transaction_is_kept(
     start_kernel, postgres_url, postgres_db, kind
@@ -135,6 +147,8 @@ def test_connection_holding_session_state_or_a_transaction_is_kept(
     pid = released(kernel, postgres_db)
     kernel.ok(setup)
     assert stays(pid, postgres_db, 2.5 * IDLE), f"{kind}: released"
+    status = kernel.ok("status = %dbstatus\nprint(status)").stdout
+    assert f"kept open despite idle_release: {REASONS[kind]}" in status, status
     assert kernel.ok("backend()").value() == pid
     assert kernel.ok(check).value() == expected
     assert kernel.failed == 0
@@ -212,3 +226,70 @@ def test_unload_stops_the_release_and_takes_its_watch_away(start_kernel, postgre
     kernel.ok("%unload_ext ipy_dbreset")
     assert kernel.ok(state).value() == ([], [])
     assert kernel.failed == 0
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_async_orm_threads_idle_connection_is_released(
+    start_kernel, postgres_url, postgres_db, driver
+):
+    """asgiref's executor thread waits for work between cells: its connection is let go too."""
+    kernel = start_kernel(postgres_url, driver)
+    kernel.ok(
+        BACKEND
+        + "from asgiref.sync import sync_to_async\n"
+        + f"%config DBReset.idle_release = {IDLE}\n%config DBReset.verbosity = 2"
+    )
+    shell_pid = released(kernel, postgres_db)
+    pid = kernel.ok("await sync_to_async(backend)()").value()
+    assert pid != shell_pid
+    status = kernel.ok("status = %dbstatus\nprint(status)").stdout
+    assert "opened before idle_release was set" not in status, status
+    wait_for(lambda: pid not in backends(postgres_db), "the async ORM's idle backend closed")
+    wait_for(lambda: shell_pid not in backends(postgres_db), "the shell's idle backend closed")
+    cell = kernel.ok("await Order.objects.acount()")
+    assert cell.value() == 0
+    assert any(
+        "closed db 'default' (thread ThreadPoolExecutor-" in n
+        and "idle for 1 s (idle_release); the next query reconnects" in n
+        for n in cell.notices
+    ), cell.notices
+    assert kernel.ok("await sync_to_async(backend)()").value() != pid
+    assert kernel.failed == 0
+
+
+def test_running_threads_idle_connection_is_kept_and_says_why(
+    start_kernel, postgres_url, postgres_db
+):
+    """A thread running code of its own may use its connection any moment: it is kept."""
+    kernel = start_kernel(postgres_url)
+    kernel.ok(BACKEND + f"%config DBReset.idle_release = {IDLE}")
+    cell = kernel.ok(
+        "import threading\n"
+        "found, done = [], threading.Event()\n"
+        "def work():\n"
+        "    found.append(backend())\n"
+        "    done.wait(60)\n"
+        "    found.append(backend())\n"
+        "worker = threading.Thread(target=work, name='worker')\n"
+        "worker.start()\n"
+        "while not found: done.wait(0.01)\n"
+        "found[0]"
+    )
+    pid = cell.value()
+    assert stays(pid, postgres_db, 2.5 * IDLE)
+    status = kernel.ok("status = %dbstatus\nprint(status)").stdout
+    assert "kept open despite idle_release: its thread is running" in status, status
+    assert kernel.ok("done.set(); worker.join(); found[1]").value() == pid
+    assert kernel.failed == 0
+
+
+def test_users_error_shows_no_frame_of_the_release(start_kernel, postgres_url):
+    """The release's watch on each query stays out of the user's traceback."""
+    kernel = start_kernel(postgres_url)
+    kernel.ok(f"%config DBReset.idle_release = {IDLE}")
+    kernel.ok("connection.close(); Order.objects.create(number=1)")
+    assert kernel.ok("type(connection.execute_wrappers[0]).__name__").value() == "Watch"
+    failed = kernel.run("Order.objects.create(number=1)")
+    assert failed.ename == "IntegrityError", failed.shown
+    assert "Order.objects.create" in failed.traceback, failed.traceback
+    assert "ipy_dbreset" not in failed.traceback, failed.traceback

@@ -124,6 +124,11 @@ def test_next_cell_after_interrupted_postgres_query_works(
     if mode == "autocommit":
         assert done.next_cell.value() == 1
         assert not any("; lost " in n for n in done.notices), done.notices
+        if driver == "psycopg":  # a bare KeyboardInterrupt: the notice says the server stopped it
+            assert done.cell.notices == [
+                "ipy_dbreset: the server cancelled a query on db 'default': it was "
+                "interrupted; no transaction was open, nothing else was lost"
+            ], done.cell.shown
     elif cancelled and mode == "nested atomic blocks":
         # Only the inner block was aborted: rolling back to its savepoint keeps
         # the outer block and row 2, which the user then commits.
@@ -232,8 +237,9 @@ def test_stop_button_cancels_psycopg2_query_when_asked(start_kernel, postgres_ur
 # -- an interrupt that lands inside a repair -----------------------------------------
 
 # Ctrl-C, as a real SIGINT to the kernel process, at a known point of a real
-# repair: when ipy_dbreset logs what it repaired, the database work is done and
-# the user has not been told yet.  The handler fires once and records it did.
+# repair: when ipy_dbreset logs what it repaired (its notice's record, logged
+# just before it is shown), the database work is done and the user has not
+# been told yet.  The handler fires once and records it did.
 INTERRUPT_WHEN_REPAIRED = """
 import logging, os, signal
 
@@ -241,7 +247,7 @@ interrupts_sent = []
 
 class InterruptOnRepair(logging.Handler):
     def emit(self, record):
-        if record.name == "ipy_dbreset.repair":
+        if record.name == "ipy_dbreset.output" and "db 'default'" in record.getMessage():
             logging.getLogger("ipy_dbreset").removeHandler(self)
             interrupts_sent.append(record.getMessage())
             os.kill(os.getpid(), signal.SIGINT)

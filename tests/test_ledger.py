@@ -17,6 +17,7 @@ import pytest
 from conftest import (
     DRIVERS,
     mysql_admin,
+    pg_admin,
     terminate_backends,
     wait_until_disconnected,
     wait_until_mysql_gone,
@@ -86,13 +87,23 @@ def test_only_the_writes_since_the_last_commit_are_named(pg_kernel):
 
 
 @pytest.mark.postgres
-def test_aborted_transaction_that_only_read_lost_nothing_written(pg_kernel):
-    pg_kernel.ok("transaction.set_autocommit(False); Order.objects.count()")
-    failed = pg_kernel.run('Order.objects.extra(where=["no_such_column = 1"]).count()')
-    assert failed.ename == "ProgrammingError"
+@pytest.mark.parametrize(
+    ("before", "failing", "error"),
+    [
+        ("Order.objects.count()", 'Order.objects.extra(where=["x=1"]).count()', "ProgrammingError"),
+        # The failed statement is the transaction's first: the ledger saw it from its
+        # start, so it says "nothing written", not "lost its work".
+        ("pass", "Order.objects.create(number=1)", "IntegrityError"),
+    ],
+)
+def test_aborted_transaction_that_only_read_lost_nothing_written(pg_kernel, before, failing, error):
+    pg_kernel.ok(f"transaction.set_autocommit(False); {before}")
+    failed = pg_kernel.run(failing)
+    assert failed.ename == error
     notice = only_notice(failed)
     assert "rolled back db 'default': a failed statement aborted" in notice
     assert "nothing written was lost (it only read)" in notice, notice
+    assert "its work" not in notice, notice
 
 
 @pytest.mark.postgres
@@ -157,3 +168,64 @@ def test_reset_names_the_writes_it_discards_on_sqlite(start_kernel, sqlite_url):
     assert notice.startswith("ipy_dbreset: reset db 'default': rolled back an atomic block with")
     assert "4 unsaved writes (INSERT shop_order x2, UPDATE shop_order x2)" in notice, notice
     no_secret(status, reset)
+
+
+@pytest.mark.postgres
+def test_counts_are_rows_as_the_driver_reports_them(pg_kernel):
+    """A bulk_create of 500 is one statement writing 500 rows; an UPDATE of nothing no write."""
+    status = pg_kernel.ok(
+        "transaction.set_autocommit(False)\n"
+        "Order.objects.bulk_create([Order(number=n) for n in range(1000, 1500)])\n"
+        "Order.objects.filter(number__gte=1000).update(customer='x')\n"
+        "Order.objects.filter(number=-1).update(customer='y')\n"  # matches nothing
+        "Order.objects.filter(number=-1).delete()\n"
+        "%dbstatus"
+    )
+    assert "2 writes (1,000 rows), open" in status.shown, status.shown
+    failed = pg_kernel.run("Order.objects.create(number=1)")
+    assert failed.ename == "IntegrityError"
+    notice = only_notice(failed)
+    assert (
+        "; lost 2 unsaved statements writing 1,000 rows "
+        "(INSERT shop_order 500, UPDATE shop_order 500); "
+    ) in notice, notice
+    assert pg_kernel.ok("transaction.rollback(); Order.objects.count()").value() == 1
+
+
+@pytest.mark.postgres
+def test_a_transaction_whose_statements_changed_nothing_lost_nothing(pg_kernel):
+    pg_kernel.ok(
+        "transaction.set_autocommit(False)\n"
+        "Order.objects.filter(number=-1).update(customer='y')\n"
+        "Order.objects.filter(number=-1).delete()"
+    )
+    failed = pg_kernel.run("Order.objects.create(number=1)")
+    assert failed.ename == "IntegrityError"
+    notice = only_notice(failed)
+    assert "nothing written was lost (it changed no row)" in notice, notice
+    assert "unsaved" not in notice, notice
+    pg_kernel.ok("transaction.rollback(); transaction.set_autocommit(True)")
+
+
+@pytest.mark.postgres
+def test_a_stream_left_open_across_cells_keeps_its_transaction(pg_kernel, postgres_db):
+    """psycopg 3's ``cursor.stream()``: the connection is busy between cells, not stuck."""
+    if "psycopg2" in pg_kernel.ok("print(connection.Database.__name__)").shown:
+        pytest.skip("psycopg2 has no stream()")
+    pg_kernel.ok("transaction.set_autocommit(False); Order.objects.create(number=2)")
+    # More rows than the socket buffers hold: the server is still sending between cells.
+    started = pg_kernel.ok(
+        "rows = connection.connection.cursor().stream('select generate_series(1, 300000)')\n"
+        "first = next(rows)"
+    )
+    assert not started.notices, started.shown
+    status = pg_kernel.ok("%dbstatus")
+    assert "streaming a result" in status.shown, status.shown
+    between = pg_kernel.ok("Order  # a cell that does not touch the database")
+    assert not between.notices, between.shown
+    finished = pg_kernel.ok("1 + sum(1 for _ in rows)")
+    assert finished.value() == 300000 and not finished.notices, finished.shown
+    committed = pg_kernel.ok("transaction.commit(); transaction.set_autocommit(True)")
+    assert not committed.notices, committed.shown
+    (count,) = pg_admin("select count(*) from shop_order where number = 2", dbname=postgres_db)
+    assert count == (1,)

@@ -188,8 +188,58 @@ def test_query_in_transaction_after_termination_fails_and_says_what_was_lost(
     assert len(lost(cell)) == 1, cell.notices
     assert f"lost {what} with 1 unsaved write (INSERT shop_order)" in lost(cell)[0], cell.notices
     assert not reconnected(cell)
+    assert "ipy_dbreset" not in cell.stderr, cell.stderr  # told once, as a notice
     assert pg_kernel.ok("Order.objects.count()").value() == 1
     assert pg_kernel.failed == 1
+    assert committed_pg(postgres_db) == [1]
+
+
+# The user catches the failure and queries again, on the same dead connection.
+CAUGHT_IN_MANUAL = """
+transaction.set_autocommit(False)
+Order.objects.create(number=2)
+kill(server_id())
+for _ in range(2):
+    try:
+        Order.objects.count()
+    except Exception as exc:
+        failed = type(exc).__name__
+failed
+"""
+
+# An atomic block inside a manual transaction: the server lost the whole transaction.
+ATOMIC_IN_MANUAL = """
+transaction.set_autocommit(False)
+Order.objects.create(number=2)
+with transaction.atomic():
+    Order.objects.create(number=3)
+    kill(server_id())
+    Order.objects.count()
+"""
+
+
+@pytest.mark.kernel
+@pytest.mark.postgres
+@by_driver
+@pytest.mark.parametrize(
+    ("code", "writes"),
+    [
+        (CAUGHT_IN_MANUAL, "1 unsaved write (INSERT shop_order)"),
+        (ATOMIC_IN_MANUAL, "2 unsaved writes (INSERT shop_order x2)"),
+    ],
+    ids=["caught", "atomic"],
+)
+def test_transaction_lost_mid_cell_is_told_once_and_not_on_stderr(
+    pg_kernel, postgres_db, code, writes
+):
+    cell = pg_kernel.run(code)
+    assert "ipy_dbreset" not in cell.stderr, cell.stderr
+    assert len(lost(cell)) == 1, cell.notices
+    [notice] = lost(cell)
+    assert "lost a manual transaction" in notice and writes in notice, notice
+    after = pg_kernel.ok("Order.objects.count()")
+    assert after.value() == 1
+    assert not lost(after) and "ipy_dbreset" not in after.stderr, after.shown
     assert committed_pg(postgres_db) == [1]
 
 

@@ -86,6 +86,10 @@ class Driver(Protocol):
         (:meth:`liveness`; on MySQL that is one ping).
         """
 
+    def streaming(self, wrapper: BaseDatabaseWrapper) -> bool:
+        """Whether a result is being streamed, row by row, to a generator the user still holds
+        (psycopg 3's ``cursor.stream()``): the connection is busy, not stuck.  Local state only."""
+
     def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
         """Whether a query on it is waiting for the server in Python, where a signal handler runs.
 
@@ -105,22 +109,66 @@ class Driver(Protocol):
     def fileno(self, wrapper: BaseDatabaseWrapper) -> int:
         """The socket of ``wrapper.connection``, or -1 if it has none (or no longer)."""
 
+    def parameter(self, wrapper: BaseDatabaseWrapper, name: str) -> str | None:
+        """A setting the server reports by itself (PostgreSQL's ParameterStatus), if known.
 
-def _gone(timeout: int) -> list[tuple[int, int]]:
-    return [(-1, select.POLLNVAL)]
+        Local state only: ``in_hot_standby``, ``default_transaction_read_only``
+        (PostgreSQL 14+).  ``None`` where the server or a pooler does not report it.
+        """
 
 
-def poller(fileno: int) -> Callable[[int], list[tuple[int, int]]]:
-    """``poll`` of a poll object watching ``fileno`` for input, hang-up and errors.
+# The readiness check.  Linux has epoll and poll, macOS poll, Windows neither:
+# there select() asks (it takes sockets only, which is all that is asked here).
+_POLL = getattr(select, "poll", None)
+_EPOLL = getattr(select, "epoll", None)
+# Input, urgent data, hang-up and errors, where poll() exists.
+_MASK = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR if _POLL is not None else 0
+_SELECT_MAX = 500  # sockets per select() call: Windows' select() takes at most 512
+
+
+def _gone(timeout: int) -> list[Any]:
+    return [-1]
+
+
+def _nothing(timeout: int) -> list[Any]:
+    return []
+
+
+def _selecting(filenos: list[int]) -> Callable[[int], list[Any]]:
+    """``poll``'s question (timeout in ms), asked with ``select()`` where there is no ``poll``.
+
+    A socket ``select()`` refuses (closed meanwhile, or a number beyond
+    ``FD_SETSIZE`` on a POSIX system without ``poll``) counts as something to
+    look at, as ``POLLNVAL`` does.
+    """
+
+    def ask(timeout: int) -> list[Any]:
+        try:
+            for start in range(0, len(filenos), _SELECT_MAX):
+                chunk = filenos[start : start + _SELECT_MAX]
+                ready, _, failed = select.select(chunk, (), chunk, timeout / 1000)
+                if ready or failed:
+                    return [*ready, *failed]
+        except (OSError, ValueError):
+            return [-1]
+        return []
+
+    return ask
+
+
+def poller(fileno: int) -> Callable[[int], list[Any]]:
+    """A question like ``poll.poll`` about ``fileno``: input, hang-up or errors.
 
     libpq can close its socket before the driver notices (fileno -1): that
     counts as something to look at, never as an error.
     """
     if fileno < 0:
         return _gone
-    watcher = select.poll()
-    watcher.register(fileno, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
-    return watcher.poll
+    if _POLL is None:
+        return _selecting([fileno])
+    watcher = _POLL()
+    watcher.register(fileno, _MASK)
+    return watcher.poll  # type: ignore[no-any-return]
 
 
 def always_healthy() -> bool:
@@ -131,36 +179,37 @@ class Sockets:
     """Many sockets asked at once whether the server sent anything or hung up.
 
     The set is registered with the kernel once (an ``epoll`` set on Linux, a
-    ``poll`` set elsewhere) and kept: each question is then one system call,
+    ``poll`` set on macOS) and kept: each question is then one system call,
     whatever the number of sockets, and on Linux its cost does not grow with
     it.  An ``epoll`` set forgets a socket that is closed; that happens only
     while the connection is used (the driver reads EOF), which the caller
-    watches for otherwise.
+    watches for otherwise.  Windows has neither: ``select()`` asks there.
     """
-
-    _MASK = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
     def __init__(self, filenos: Iterable[int]) -> None:
         wanted = sorted({fileno for fileno in filenos if fileno >= 0})
         self._epoll: select.epoll | None = None  # ours to close, on Linux
-        # The question asked: the epoll set's or the poll set's, or none at all.
-        self._poll: Callable[[int], list[tuple[int, int]]] = _nothing
+        # The question asked: the epoll set's, the poll set's or select()'s, or none at all.
+        self._poll: Callable[[int], list[Any]] = _nothing
         if not wanted:
             return
-        if hasattr(select, "epoll"):
-            epoll = select.epoll()
+        if _EPOLL is not None:
+            epoll = _EPOLL()
             try:
                 for fileno in wanted:
-                    epoll.register(fileno, self._MASK)
+                    epoll.register(fileno, _MASK)
             except OSError:  # not a pollable file after all: let poll() say so
                 epoll.close()
             else:
                 self._epoll = epoll
                 self._poll = epoll.poll
                 return
-        watcher = select.poll()
+        if _POLL is None:
+            self._poll = _selecting(wanted)
+            return
+        watcher = _POLL()
         for fileno in wanted:
-            watcher.register(fileno, self._MASK)
+            watcher.register(fileno, _MASK)
         self._poll = watcher.poll
 
     def pending(self) -> bool:
@@ -172,10 +221,6 @@ class Sockets:
             self._epoll.close()
             self._epoll = None
         self._poll = _nothing
-
-
-def _nothing(timeout: int) -> list[tuple[int, int]]:
-    return []
 
 
 def readable(fileno: int) -> bool:

@@ -40,5 +40,11 @@ class Generic:
     def fileno(self, wrapper: BaseDatabaseWrapper) -> int:
         return -1  # a file (sqlite3) cannot hang up; an unknown driver is not looked into
 
+    def streaming(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False
+
     def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False
+
+    def parameter(self, wrapper: BaseDatabaseWrapper, name: str) -> str | None:
+        return None

@@ -82,5 +82,11 @@ class MySQLClient:
             return None
         return int(raw.thread_id())
 
+    def streaming(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False
+
     def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
         return False  # libmariadb waits in C: a signal handler runs only afterwards
+
+    def parameter(self, wrapper: BaseDatabaseWrapper, name: str) -> str | None:
+        return None  # MySQL reports no settings by itself

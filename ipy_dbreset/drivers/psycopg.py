@@ -105,9 +105,28 @@ class Psycopg:
             return None
         return int(raw.pgconn.backend_pid)
 
+    def streaming(self, wrapper: BaseDatabaseWrapper) -> bool:
+        # Cursor.stream() (psycopg 3.1 to 3.3) holds the connection's lock from its
+        # first row to its last: a generator suspended between cells holds it still.
+        # A query interrupted or left by an error has let go of it.
+        raw = wrapper.connection
+        try:
+            active = raw.pgconn.transaction_status == pq.TransactionStatus.ACTIVE
+        except psycopg.Error:
+            return False
+        lock = getattr(raw, "lock", None)
+        return bool(active and lock is not None and lock.locked())
+
     def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
         raw = wrapper.connection
         try:
             return bool(raw.pgconn.transaction_status == pq.TransactionStatus.ACTIVE)
         except psycopg.Error:
             return False
+
+    def parameter(self, wrapper: BaseDatabaseWrapper, name: str) -> str | None:
+        raw = wrapper.connection
+        if raw is None or raw.closed:
+            return None
+        value: str | None = raw.info.parameter_status(name)
+        return value

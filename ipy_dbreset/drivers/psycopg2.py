@@ -97,12 +97,22 @@ class Psycopg2:
             return None
         return int(raw.info.backend_pid)
 
+    def streaming(self, wrapper: BaseDatabaseWrapper) -> bool:
+        return False
+
     def waiting(self, wrapper: BaseDatabaseWrapper) -> bool:
         raw = wrapper.connection
         # Without a wait callback psycopg2 waits inside libpq, in C.
         if raw.closed or psycopg2.extensions.get_wait_callback() is None:
             return False
         return bool(raw.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE)
+
+    def parameter(self, wrapper: BaseDatabaseWrapper, name: str) -> str | None:
+        raw = wrapper.connection
+        if raw is None or raw.closed:
+            return None
+        value = raw.get_parameter_status(name)
+        return None if value is None else str(value)
 
 
 def make_interruptible(on: bool) -> bool:
