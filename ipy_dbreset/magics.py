@@ -3,7 +3,7 @@
 A short session::
 
     In [1]: %load_ext ipy_dbreset
-    ipy_dbreset: Django set up with shop.settings (found in /src/shop/manage.py);
+    ipy_dbreset: Django set up with 'shop.settings' (found in /src/shop/manage.py);
     DJANGO_SETTINGS_MODULE was set to it
     In [2]: Order.objects.create(number=1)   # IntegrityError: the cell fails ...
     ipy_dbreset: rolled back db 'default': a failed statement aborted the transaction; ...
@@ -28,6 +28,7 @@ connects it to the shell.  The rest of the IPython side: :mod:`~ipy_dbreset.outp
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -37,13 +38,30 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Enum, Int, Unicode, observe
 
 from ipy_dbreset.checkup import Checkup
-from ipy_dbreset.display import Table, history_table, reset_notice, status_table
+from ipy_dbreset.display import (
+    READ_ONLY_NOTE,
+    Table,
+    history_table,
+    imports_line,
+    read_only_line,
+    reset_notice,
+    status_table,
+)
+from ipy_dbreset.failover import ConnectBound, connect_timeout, refused_as_read_only
 from ipy_dbreset.health import cancelled
-from ipy_dbreset.interrupts import in_kernel, interrupts_held, pass_on, resets_sigint
+from ipy_dbreset.interrupts import (
+    in_kernel,
+    in_subshell,
+    interrupts_held,
+    pass_on,
+    resets_sigint,
+)
+from ipy_dbreset.names import import_into, imported_already
 from ipy_dbreset.network import Network
 from ipy_dbreset.options import Seconds, Verbosity, config_checked, parse
 from ipy_dbreset.output import Output, ResetResult
 from ipy_dbreset.project import ProjectError, Source, setup_django
+from ipy_dbreset.readonly import refused
 from ipy_dbreset.switches import Switches
 
 if TYPE_CHECKING:
@@ -55,6 +73,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVENTS = ("pre_run_cell", "post_run_cell")
+
+_thread_id = threading.get_ident  # asked around every cell: one lookup saved
+
+LEAKING_IPYKERNELS = frozenset(("7.0.0", "7.0.1"))
+"""ipykernel releases that run every cell in a context of its own."""
+
+
+def leaking_ipykernel(shell: InteractiveShell | None) -> str | None:
+    """The version of the ipykernel running ``shell`` if it is one of :data:`LEAKING_IPYKERNELS`."""
+    if getattr(shell, "kernel", None) is None:
+        return None
+    ipykernel = sys.modules.get("ipykernel")
+    version = getattr(ipykernel, "__version__", None)
+    return version if version in LEAKING_IPYKERNELS else None
 
 
 @magics_class
@@ -104,8 +136,10 @@ class DBReset(Magics):
             "Seconds the network may stay silent (no packet answered) before a connection "
             "ends with a connection error: TCP keepalive and TCP_USER_TIMEOUT on every "
             "connection whose OPTIONS do not set their own. A query that runs long on a "
-            "path that answers is never cut. 0: no bound (keepalive still keeps idle "
-            "connections through NATs and firewalls)."
+            "path that answers is never cut. macOS and Windows have no TCP_USER_TIMEOUT: "
+            "there the bound is keepalive's, which a query sent into a path that already "
+            "froze outlasts. 0: no bound (keepalive still keeps idle connections through "
+            "NATs and firewalls)."
         ),
     ).tag(config=True)
     settings_module = Unicode(
@@ -119,8 +153,9 @@ class DBReset(Magics):
     idle_release = Seconds(
         0.0,
         help=(
-            "Seconds the shell may wait for input before the shell thread's idle connections "
-            "are closed, to free them on a shared server; the next query reconnects. A "
+            "Seconds the shell may wait for input before idle connections are closed (the "
+            "shell thread's, and those of pool workers waiting for work, as the async ORM's), "
+            "to free them on a shared server; the next query reconnects. A "
             "connection holding a transaction or session state (SET, temporary tables, "
             "advisory locks, LISTEN, PREPARE) is kept. 0: never."
         ),
@@ -130,6 +165,25 @@ class DBReset(Magics):
         help=(
             "Seconds a transaction may stay open between cells before it is pointed out "
             "(once, at the next cell; it is left as it is). 0: never."
+        ),
+    ).tag(config=True)
+    read_only = Bool(
+        False,
+        help=(
+            "Make every Django connection refuse writes at the server (PostgreSQL "
+            "default_transaction_read_only, MySQL SESSION TRANSACTION READ ONLY, SQLite "
+            "query_only), in every thread and after every reconnect; turning it off takes "
+            "effect at each connection's next transaction. A guard against mistakes, not "
+            "security: use a database role that may only read for that."
+        ),
+    ).tag(config=True)
+    auto_imports = Bool(
+        True,
+        help=(
+            "When %load_ext sets up Django, import the names this project's manage.py shell "
+            "would give (Django 5.2+: every model, and what the project's shell command "
+            "adds; 4.2: the models), never replacing a name you have. Nothing is imported "
+            "in manage.py shell and shell_plus, which do it themselves."
         ),
     ).tag(config=True)
     verbosity = Verbosity(
@@ -144,6 +198,9 @@ class DBReset(Magics):
         # Before super().__init__: it loads the shell's config, which runs the observers.
         # The engine: watches connections from start() to stop().
         self.checkup = Checkup(threading.current_thread())
+        # The shell's own thread; a cell in any other (an ipykernel 7 subshell's)
+        # is judged on that thread's own connections only.
+        self._home = _thread_id()
         self._running = False  # between start() and stop()
         self.network: Network | None = None  # keepalive and the stop button's path check
         # What lasts only for the running cell (%dbreset's result kept out of
@@ -157,6 +214,8 @@ class DBReset(Magics):
         # The process-wide switches (DJANGO_ALLOW_ASYNC_UNSAFE, psycopg2's wait
         # callback) that start() and the options turn, for stop() to turn back.
         self._switches = Switches(self._say)
+        # The connect_timeout given to aliases that set none, from network_timeout.
+        self._connect_bound = ConnectBound()
         # What the callbacks do, read as plain attributes around every cell
         # (trait reads cost more than judging a healthy connection): whether
         # to check, the checkup's fast path and its full check.
@@ -171,28 +230,67 @@ class DBReset(Magics):
 
     def start(self) -> None:
         """Set up Django and start watching connections; raise UsageError if it cannot."""
+        if in_subshell(self.shell):
+            # Its thread would be taken for the shell's, and the main shell's
+            # cells for another thread's.
+            raise UsageError(
+                "ipy_dbreset: load the extension in the kernel's main shell (the notebook), "
+                "not in a subshell; it then covers the subshells' cells too"
+            )
         try:
             setup = setup_django(self.settings_module)
         except ProjectError as exc:
             raise UsageError(f"ipy_dbreset: {exc}") from None
         self.network = Network(self.network_timeout, per_cell=resets_sigint(self.shell))
         self.checkup.start(on_created=self.network.tune)
+        self._output.start()
         self._running = True
         self._copy_options()
         self._idle_changed()
-        if setup.source is not Source.ALREADY_SET_UP:
-            # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
-            self._say(setup.describe(), logged=True)
-        else:
-            self._say(f"using Django as it was set up ({setup.settings_module})", 2)
-        self._apply_async_unsafe()
-        self._apply_interruptible()
+        self._connect_bound.apply(connect_timeout(self.network_timeout))
+        with self._output.together():  # one block for one %load_ext
+            if setup.source is not Source.ALREADY_SET_UP:
+                # It may have written DJANGO_SETTINGS_MODULE: say so, at least in the log.
+                self._say(setup.describe())
+            else:
+                self._say(f"using Django as it was set up, with {setup.settings_module!r}", 2)
+            self._apply_async_unsafe()
+            self._apply_interruptible()
+            leaking = leaking_ipykernel(self.shell)
+            if leaking is not None:
+                self._say(
+                    f"ipykernel {leaking} runs each cell in a new context: Django opens a new "
+                    "database connection in every cell and leaves the old ones open; "
+                    "pip install -U ipykernel",
+                    0,
+                    kind="error",
+                )
+            if self.read_only:
+                self._read_only_changed()
+            if self.auto_imports and self.shell is not None:
+                self._import_names(self.shell)
+
+    def _import_names(self, shell: InteractiveShell) -> None:
+        if imported_already(getattr(shell.extension_manager, "loaded", ())):
+            return
+        # They stay when the extension is unloaded: by then they are the user's
+        # names as much as ours, and taking one away could break their session.
+        try:
+            imported = import_into(shell.user_ns)
+        except ImportError as exc:  # a model module or a name the project lists is broken
+            self._say(f"imported no names as manage.py shell does: {exc}", 0, kind="error")
+            return
+        said = imports_line(imported)
+        if said:
+            self._say(said, 1)
 
     def stop(self) -> None:
         """Stop watching connections and undo what :meth:`start` changed, saying what."""
         if self.network is not None:
             self.network.guard.disarm()
             self.network = None
+        self._connect_bound.remove()
+        self._output.stop()
         if self._running:
             self.checkup.stop()
             self._running = False
@@ -202,7 +300,7 @@ class DBReset(Magics):
         undone = self._switches.undo()
         if undone:
             # The process is not as it was while loaded: the next ORM call may fail.
-            self._say(f"unloaded; {'; '.join(undone)}", logged=True)
+            self._say(f"unloaded; {'; '.join(undone)}")
 
     @observe("allow_async_unsafe")
     def _apply_async_unsafe(self, change: Bunch | None = None) -> None:
@@ -221,8 +319,15 @@ class DBReset(Magics):
                 release_after=self.idle_release, long_transaction=self.long_transaction
             )
 
+    @observe("read_only")
+    def _read_only_changed(self, change: Bunch | None = None) -> None:
+        if self._running:
+            self._say(read_only_line(self.checkup.read_only(self.read_only)), 0)
+
     @observe("network_timeout")
     def _network_timeout_changed(self, change: Bunch) -> None:
+        if self._running:
+            self._connect_bound.apply(connect_timeout(change["new"]))
         if self.network is not None:
             self.network.timeout = change["new"]
             for tracked in self.checkup.tracked():
@@ -243,6 +348,9 @@ class DBReset(Magics):
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
+        if _thread_id() != self._home:
+            self._own_cell_starts()
+            return
         if self._output.held:
             self._output.show_held(info)
         if self.network is not None:
@@ -260,6 +368,9 @@ class DBReset(Magics):
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
+        if _thread_id() != self._home:
+            self._own_cell_ends(result)
+            return
         if self.network is not None:
             self.network.guard.cell_over()
         while self._at_cell_end:  # a displayhook set aside, a cell to stop
@@ -269,6 +380,8 @@ class DBReset(Magics):
             said = self._after_cell()
             if said:
                 self._output.say_all(said)
+        if result is not None and result.error_in_exec is not None and self._running:
+            self._refused(result.error_in_exec)
         if self._check_after:
             error = None if result is None else result.error_in_exec
             # A cell that raised nothing can only have left a trace in the
@@ -281,6 +394,30 @@ class DBReset(Magics):
                     self._check(suspect=suspect, before_cell=False)
             except KeyboardInterrupt:  # the cell is over: nothing left to interrupt
                 log.info("ipy_dbreset: interrupt after the cell ignored")
+
+    # A subshell's cell: no signal reaches its thread, and what lasts for a
+    # cell, the guard and the idle keeper are the shell thread's.
+
+    def _own_cell_starts(self) -> None:
+        if self._running:
+            self._output.checked(self.checkup.own_cell_starts(check=self._check_before))
+
+    def _own_cell_ends(self, result: ExecutionResult | None) -> None:
+        error = None if result is None else result.error_in_exec
+        if self.read_only and refused(error):
+            self._say(read_only_line(None), 0)
+        suspect = error is not None and cancelled(error)
+        outcome = self.checkup.own_cell_ends(check=self._check_after, suspect=suspect)
+        self._output.checked(outcome)
+
+    def _refused(self, error: BaseException) -> None:
+        """A write the server refused: because of read-only mode, or on a standby."""
+        if self.read_only:
+            if refused(error):
+                self._say(read_only_line(None), 0)
+        elif refused_as_read_only(error):
+            with interrupts_held():
+                self._output.checked(self.checkup.leave_standbys())
 
     def _check(self, *, suspect: bool, before_cell: bool) -> None:
         """Check in full; a repair and its notice are done whole, whatever the user presses."""
@@ -364,5 +501,8 @@ class DBReset(Magics):
         """
         args = parse(self.dbstatus, line, self.checkup.aliases)
         if args.history:
-            return history_table(self.checkup.history(args.aliases))
-        return status_table(self.checkup.status(args.aliases))
+            return self._output.fitted(history_table(self.checkup.history(args.aliases)))
+        table = status_table(self.checkup.status(args.aliases))
+        if self.checkup.is_read_only:
+            table.notes.append(READ_ONLY_NOTE)
+        return self._output.fitted(table)

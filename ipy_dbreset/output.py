@@ -9,16 +9,28 @@ and keeps ``%dbreset``'s :class:`ResetResult` from showing again as the cell's
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import sys
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from IPython.display import display
 
-from ipy_dbreset.display import Notice, failure_notice, repair_notice, skipped_notice
+from ipy_dbreset.display import (
+    LEVELS,
+    Notice,
+    Table,
+    failure_notice,
+    repair_notice,
+    skipped_notice,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
+    from types import TracebackType
 
     from IPython.core.displayhook import DisplayHook
     from IPython.core.interactiveshell import ExecutionInfo, InteractiveShell
@@ -28,6 +40,8 @@ if TYPE_CHECKING:
     from ipy_dbreset.repair import Repair
 
 log = logging.getLogger(__name__)
+
+Shown = TypeVar("Shown", Notice, Table)
 
 
 class ResetResult(list["Repair"]):
@@ -83,43 +97,119 @@ class Output:
         self._displayhook: DisplayHook | None = None
         self._hidden: list[ResetResult] = []
         self._at_cell_end = at_cell_end  # the caller's, run as the cell ends
+        # A cell's KeyboardInterrupt shown without our frames, from start() to stop().
+        self._tracebacks = None if shell is None else InterruptTracebacks(shell)
+        # The project's handlers that write to this shell's screen, which we
+        # asked to skip the records of notices shown there (see _log).
+        self._quieted: weakref.WeakSet[logging.Handler] = weakref.WeakSet()
+        # While start-up says its lines (together()): they are shown as one block.
+        self._gathered: list[Notice] | None = None
 
-    def say(
-        self, notice: Notice | str, level: int = 1, *, kind: str = "info", logged: bool = False
-    ) -> None:
-        """Show ``notice`` if ``verbosity`` is at least ``level`` (0: always).
+    def start(self) -> None:
+        """Once Django is set up: our loggers working, our frames out of interrupts."""
+        enable_our_loggers()
+        if self._tracebacks is not None:
+            self._tracebacks.install()
 
-        A string is a notice of ``kind``.  ``logged``: also in the log,
-        whatever the verbosity (for what changed the process).
+    def stop(self) -> None:
+        if self._tracebacks is not None:
+            self._tracebacks.remove()
+        for handler in list(self._quieted):
+            handler.removeFilter(SHOWN_HERE)
+        self._quieted.clear()
+
+    def say(self, notice: Notice | str, level: int = 1, *, kind: str = "info") -> None:
+        """Log ``notice`` and show it if ``verbosity`` is at least ``level`` (0: always).
+
+        A string is a notice of ``kind``.  Each line is a log record of
+        ``ipy_dbreset.output``, at its kind's level, whatever the verbosity.
         """
         if isinstance(notice, str):
             notice = Notice(notice, kind)
-        if logged:
-            log.info("ipy_dbreset: %s", notice.text)
-        if self.verbosity < level:
+        shown = self.verbosity >= level
+        # What verbosity 1 leaves out (details, what was done at no cost) is
+        # DEBUG in the log when nothing was lost, as Django logs its own details.
+        self._log(notice, shown=shown, details=level >= 2)
+        if not shown:
             return
+        if self._gathered is not None:
+            self._gathered.append(notice)
+        else:
+            self._show(notice)
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Show what is said in the block as one notice, at its end (start-up's lines)."""
+        gathered: list[Notice] = []
+        self._gathered = gathered
+        try:
+            yield
+        finally:
+            self._gathered = None
+            if gathered:
+                notice = gathered[0]
+                for more in gathered[1:]:
+                    notice += more
+                self._show(notice)
+
+    def _show(self, notice: Notice) -> None:
         if getattr(self.shell, "kernel", None) is not None and not ran_a_cell(self.shell):
             # Sent now, it would belong to no cell and no notebook would show it.
             # A terminal shows it as it is printed.
             self.held.append(notice)
         else:
-            display(notice)
+            display(self.fitted(notice))
+
+    def _log(self, notice: Notice, *, shown: bool, details: bool = False) -> None:
+        """One record per line, at its kind's level; ``shown``: the user sees the notice.
+
+        A record of a notice shown here carries ``ipy_dbreset_shown``: a handler
+        of the project's that writes to this same screen (a console handler on
+        the root logger, as many projects' LOGGING has at INFO) skips it, or the
+        user would read every line twice.  Every other handler (a file, an
+        error tracker, one on the ``ipy_dbreset`` logger) gets every record.
+        """
+        if shown:
+            self._quiet_screen_handlers()
+        extra = {SHOWN: shown}
+        for kind, line in notice.pairs:
+            level = LEVELS.get(kind, logging.INFO)
+            if details and level == logging.INFO:
+                level = logging.DEBUG
+            log.log(level, "ipy_dbreset: %s", line, extra=extra)
+
+    def _quiet_screen_handlers(self) -> None:
+        in_kernel = getattr(self.shell, "kernel", None) is not None
+        logger: logging.Logger | None = log
+        while logger is not None:
+            for handler in logger.handlers:
+                if handler not in self._quieted and _writes_to_screen(handler, in_kernel):
+                    handler.addFilter(SHOWN_HERE)
+                    self._quieted.add(handler)
+            logger = logger.parent if logger.propagate else None
 
     def say_all(self, said: Sequence[Said]) -> None:
-        """Say each (level, line) the checkup has to say as a cell starts or ends."""
-        for level, text in said:
-            self.say(text, level)
+        """Say each (level, line or repair) the checkup has to say as a cell starts or ends."""
+        for level, what in said:
+            self.say(what if isinstance(what, str) else repair_notice([what]), level)
 
     def checked(self, outcome: Outcome) -> None:
         """Say what a check did: a failure always, a repair, the connections left alone."""
         if outcome.failures:
-            failures = "; ".join(f.describe() for f in outcome.failures)
-            log.warning("ipy_dbreset: repair failed: %s", failures)
             self.say(failure_notice(outcome), 0)
         elif outcome.repairs:
             self.say(repair_notice(outcome.repairs))
         if outcome.skipped:
             self.say(skipped_notice(outcome), 2)
+
+    def fitted(self, shown: Shown) -> Shown:
+        """``shown`` wrapped, as text, to the width of the terminal the shell prints to.
+
+        A terminal wraps a long line wherever its last column falls, mid-word;
+        a notebook or a kernel's other front ends wrap it themselves.
+        """
+        shown.width = terminal_width(self.shell)
+        return shown
 
     def show_held(self, info: ExecutionInfo) -> None:
         """Show what was held back, with the cell ``info`` if it is the user's first."""
@@ -161,6 +251,168 @@ class Output:
         hook, self._displayhook, self._hidden = self._displayhook, None, []
         if hook is not None and getattr(sys.displayhook, "__self__", None) is self:
             sys.displayhook = hook  # (unless the cell put it back already)
+
+
+# -- the log -------------------------------------------------------------------------
+
+SHOWN = "ipy_dbreset_shown"
+"""The attribute of a record whose notice the shell shows (see :meth:`Output._log`)."""
+
+
+class _ShownHere(logging.Filter):
+    """On a handler that writes to the shell's screen: skips the records of notices shown there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, SHOWN, False)
+
+
+SHOWN_HERE = _ShownHere()
+
+
+def _writes_to_screen(handler: logging.Handler, in_kernel: bool) -> bool:
+    """Whether ``handler`` writes where the shell shows its notices.
+
+    The shell's own output streams: in a kernel, those it sends to the
+    notebook; in a terminal, the terminal, whichever stream reaches it.  A
+    file, or a kernel's own stderr (the terminal that started Jupyter), is
+    somewhere else.
+    """
+    if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+        return False
+    stream = handler.stream
+    if stream is sys.stdout or stream is sys.stderr:
+        return True
+    if in_kernel:
+        return False
+    try:
+        return bool(stream.isatty()) and bool(sys.stdout.isatty())
+    except (AttributeError, ValueError):  # a stand-in stream, or a closed one
+        return False
+
+
+def enable_our_loggers() -> None:
+    """Enable the ``ipy_dbreset`` loggers that a logging configuration disabled.
+
+    ``dictConfig`` with ``disable_existing_loggers`` (Django's LOGGING
+    default) disables every logger that exists then and that it does not
+    name, as ours do when the extension sets Django up.  A configuration that
+    names ours configures them: it leaves them enabled.
+    """
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        ours = name == "ipy_dbreset" or name.startswith("ipy_dbreset.")
+        if ours and isinstance(logger, logging.Logger) and logger.disabled:
+            logger.disabled = False
+            log.debug("ipy_dbreset: logger %s enabled again after logging was configured", name)
+
+
+# -- the user's tracebacks ----------------------------------------------------------
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # every module of ours is below
+
+
+def _ours(entry: TracebackType) -> bool:
+    return entry.tb_frame.f_code.co_filename.startswith(_PACKAGE)
+
+
+def leave_out_our_frames(error: BaseException) -> None:
+    """Unlink the extension's frames from ``error``'s traceback, and its causes', in place.
+
+    In place, so that ``%tb``, ``%debug`` and ``sys.last_traceback`` see the
+    same.  A traceback made of our frames alone is the extension's own error:
+    it is left whole.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        kept = []
+        entry = current.__traceback__
+        while entry is not None:
+            if not _ours(entry):
+                kept.append(entry)
+            entry = entry.tb_next
+        if kept:
+            for one, following in zip(kept, [*kept[1:], None], strict=True):
+                one.tb_next = following
+            current.__traceback__ = kept[0]
+        pending += [current.__cause__, current.__context__]
+
+
+class InterruptTracebacks:
+    """Shows a cell's KeyboardInterrupt without the extension's frames.
+
+    The stop button reaches a running cell through the extension's SIGINT
+    handler (:class:`~ipy_dbreset.network.InterruptGuard`), so the handler's
+    frames end the interrupt's traceback.  Every other frame of ours that can
+    stand between the user's code and an error sets ``__tracebackhide__``, which
+    IPython's tracebacks (``%xmode`` Context, Verbose, Docs) leave out, but never
+    the innermost frame, where the error was raised.  For KeyboardInterrupt,
+    IPython's hook for exceptions a shell shows its own way
+    (``set_custom_exc``) takes our frames out of the traceback and shows it as
+    IPython would; exceptions another handler was set for stay its own.
+    """
+
+    def __init__(self, shell: InteractiveShell) -> None:
+        self.shell = shell
+        # The shell's custom exceptions and handler before ours (IPython's: none).
+        self._theirs: tuple[tuple[type[BaseException], ...], Any] = ((), None)
+        self._handler: Any = None  # ours, as the shell holds it, while installed
+
+    def install(self) -> None:
+        shell = self.shell
+        if self._handler is not None and shell.CustomTB is self._handler:
+            return
+        self._theirs = (tuple(shell.custom_exceptions), shell.CustomTB)
+        shell.set_custom_exc((*self._theirs[0], KeyboardInterrupt), self._show)
+        self._handler = shell.CustomTB
+
+    def remove(self) -> None:
+        """Put the shell's handler back, unless another replaced ours meanwhile."""
+        shell = self.shell
+        if self._handler is not None and shell.CustomTB is self._handler:
+            shell.custom_exceptions, shell.CustomTB = self._theirs
+        self._handler = None
+
+    def _show(
+        self,
+        shell: InteractiveShell,
+        etype: type[BaseException],
+        value: BaseException,
+        tb: TracebackType | None,
+        tb_offset: int | None = None,
+    ) -> Any:
+        types, theirs = self._theirs
+        if types and isinstance(value, types):
+            return theirs(etype, value, tb, tb_offset=tb_offset)
+        leave_out_our_frames(value)
+        shell.showtraceback(
+            (etype, value, value.__traceback__), tb_offset=tb_offset, running_compiled_code=True
+        )
+        return None
+
+
+def terminal_width(shell: InteractiveShell | None) -> int | None:
+    """The columns of the terminal ``shell`` prints to; ``None`` if it prints to none.
+
+    A terminal IPython whose output goes to a file or a pipe is left alone,
+    as a kernel is.  ``COLUMNS``, if set, is the width, as for IPython's own
+    tracebacks.
+    """
+    # Not imported here: a kernel never loads the terminal shell (prompt_toolkit).
+    terminal = sys.modules.get("IPython.terminal.interactiveshell")
+    if terminal is None or not isinstance(shell, terminal.TerminalInteractiveShell):
+        return None
+    try:
+        if not sys.stdout.isatty():
+            return None
+    except (AttributeError, ValueError):  # a stand-in stream, or a closed one
+        return None
+    # A pseudo-terminal whose size nobody set reports 0 columns: Python 3.11+
+    # then falls back to 80, 3.10 returns the 0.  Either way: 80.
+    return shutil.get_terminal_size().columns or 80
 
 
 def ran_a_cell(shell: InteractiveShell | None, info: ExecutionInfo | None = None) -> bool:

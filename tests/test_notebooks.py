@@ -110,7 +110,7 @@ def test_committed_notebook_shows_its_outputs_without_this_machines_paths(name):
 def test_quickstart_on_sqlite_keeps_what_sqlite_kept_and_resets_on_request(tmp_path):
     run = Run("quickstart.ipynb", tmp_path)
     assert run.failed_on_purpose() == ["IntegrityError", "IntegrityError"]
-    assert any("Django set up with demo.settings" in n for n in run.notices(run.code[0]))
+    assert any("Django set up with 'demo.settings'" in n for n in run.notices(run.code[0]))
 
     # IntegrityError in a manual transaction: SQLite keeps it usable; nothing done, nothing lost.
     duplicate = run.cell('Order.objects.create(number=3, customer="duplicate")')
