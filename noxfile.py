@@ -29,6 +29,8 @@ starts.  These sessions run the whole suite: every PostgreSQL test runs with
 the drivers the project has, here psycopg2 alone.
 
 Django 6.x needs Python 3.12 or newer; Django 4.2 stops at Python 3.12.
+The CI sessions also pin ipykernel and IPython (``STACKS``): between them they
+run ipykernel 6 and 7 and IPython 8 and 9.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ CI = (
     "django5.2-py3.12-psycopg",
     "django6.1-py3.13-psycopg",
 )
+
+# The kernel and shell each CI session pins, so that the selection spans
+# ipykernel 6 and 7 and IPython 8 and 9 (IPython 9 needs Python 3.11; subshells
+# need ipykernel 7).  Other sessions take the newest the extras allow.
+KERNEL_7 = "ipykernel>=7,!=7.0.0,!=7.0.1"
+STACKS = {
+    "django4.2-py3.10-psycopg2": ("ipykernel>=6,<7", "ipython>=8,<9"),
+    "django5.2-py3.12-psycopg": (KERNEL_7, "ipython>=8,<9"),
+    "django6.1-py3.13-psycopg": (KERNEL_7, "ipython>=9"),
+}
 
 VERSIONS = """
 import importlib.metadata as metadata, sys
@@ -104,7 +116,7 @@ def test_requirements(driver: str) -> list[str]:
         if own is None:
             others.append(requirement)
             continue
-        # psycopg2-binary is a dependency of the project itself; psycopg 3 is the extra.
+        # Each driver is an extra of its own: a psycopg2 session leaves psycopg 3 out.
         wanted = [e.strip() for e in own.group(1).split(",")]
         wanted = [e for e in wanted if not (driver == "psycopg2" and e == "psycopg")]
         # The test extra leaves mysqlclient out (it is built from source); the
@@ -114,12 +126,15 @@ def test_requirements(driver: str) -> list[str]:
     return [*project, *others]
 
 
-def run_tests(session: nox.Session, django: str, driver: str) -> None:
-    session.install(*test_requirements(driver), DJANGO[django])
+def run_tests(session: nox.Session, django: str, driver: str, stack: tuple[str, ...]) -> None:
+    session.install(*test_requirements(driver), DJANGO[django], *stack)
     session.run("python", "-c", VERSIONS)
     pytest_args = ["-p", "no:cacheprovider", *session.posargs]
     if driver == "psycopg":
-        session.run("python", "-m", "pytest", *pytest_args)
+        # psycopg2 is installed too (the test extra); its tests run in the psycopg2 sessions.
+        session.run(
+            "python", "-m", "pytest", *pytest_args, env={"IPY_DBRESET_TEST_DRIVERS": "psycopg"}
+        )
         return
     session.run("python", "-c", NO_PSYCOPG_3)
     fixtures = Path(session.create_tmp()) / "fixture-driver"
@@ -137,12 +152,16 @@ def run_tests(session: nox.Session, django: str, driver: str) -> None:
 def define(django: str, python: str, driver: str) -> None:
     name = f"django{django}-py{python}-{driver}"
 
+    stack = STACKS.get(name, ())
+
     def session(session: nox.Session) -> None:
-        run_tests(session, django, driver)
+        run_tests(session, django, driver, stack)
 
     session.__doc__ = f"Django {django}, Python {python}, " + (
-        "psycopg 3 and psycopg2" if driver == "psycopg" else "psycopg2 only"
+        "psycopg 3 tests" if driver == "psycopg" else "psycopg2 only"
     )
+    if stack:
+        session.__doc__ += ", " + ", ".join(stack)
     nox.session(
         name=name,
         python=interpreter(python),

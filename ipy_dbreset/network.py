@@ -21,12 +21,14 @@ Two levers, both on the driver's own socket and neither touching the driver:
   it shuts the socket down, so that the driver's wait ends at once with a
   connection error; if it answers, the interrupt goes on as usual.
 
-Only the operating system's socket options and ``TCP_INFO`` are used; where
-one is missing (not Linux), what it would have done is skipped.
+Only the operating system's socket options and ``TCP_INFO`` are used, each
+under the name its platform gives it; where one is missing, what it would have
+done is skipped (``docs/platforms.md``: what holds on macOS and Windows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -39,7 +41,19 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ipy_dbreset.drivers import driver_for
 
+# The guard is put in front of the SIGINT handler and taken away again around
+# every kernel cell.  ``signal.signal``/``getsignal`` convert each handler to and
+# from an enum, which costs about 8 us a pair, more than everything else the
+# callbacks do; the C functions below them take and return the handler as it is.
+try:
+    import _signal  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # an interpreter without CPython's module
+    _signal = signal
+_getsignal: Callable[[int], Any] = _signal.getsignal
+_setsignal: Callable[[int, Any], Any] = _signal.signal
+
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
     from types import FrameType
 
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -53,11 +67,17 @@ USER_OPTIONS = frozenset(
 )
 
 _TCP = socket.IPPROTO_TCP
-_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", None)
+# The silence before the first probe: TCP_KEEPIDLE on Linux and Windows,
+# TCP_KEEPALIVE on macOS (where TCP_KEEPIDLE does not exist).
+_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))
 _KEEPINTVL = getattr(socket, "TCP_KEEPINTVL", None)
 _KEEPCNT = getattr(socket, "TCP_KEEPCNT", None)
+# Linux only: without it, keepalive alone bounds the silence (see Keepalive).
 _USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
+# What the stop button's look at the path needs: the kernel's view of the
+# connection, and a way to hand the interrupt back to the main thread.
+GUARD_TOOLS = _TCP_INFO is not None and hasattr(signal, "pthread_kill")
 
 # Keepalive while there is no bound: a probe after a minute of silence keeps
 # NAT and firewall flows alive; how many unanswered probes end the connection
@@ -66,7 +86,14 @@ _UNBOUNDED_IDLE = 60
 
 
 class Keepalive(NamedTuple):
-    """Socket options that end a connection after ``bound`` seconds of network silence."""
+    """Socket options that end a connection after ``bound`` seconds of network silence.
+
+    Keepalive's probes add up to the bound (``idle + interval * probes``); they
+    are sent only while no data waits for an acknowledgement, which
+    ``TCP_USER_TIMEOUT`` bounds.  Where that option is missing (macOS,
+    Windows), data sent into a silent path waits as long as the system
+    retransmits it.
+    """
 
     idle: int
     """Seconds of silence before the first probe."""
@@ -126,18 +153,38 @@ def tcp_socket(wrapper: BaseDatabaseWrapper) -> int | None:
     if not isinstance(fd, int) or fd < 0:
         return None
     try:
-        family = socket.socket(fileno=os.dup(fd))
+        with _borrowed(fd) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return None  # a Unix-domain socket cannot freeze
     except OSError:  # not a socket after all
         return None
-    with family:
-        if family.family not in (socket.AF_INET, socket.AF_INET6):
-            return None  # a Unix-domain socket cannot freeze
     return fd
 
 
 def _dup(fd: int) -> socket.socket:
     """The socket behind ``fd`` as a Python object of its own (closing it leaves ``fd`` open)."""
     return socket.socket(fileno=os.dup(fd))
+
+
+@contextlib.contextmanager
+def _borrowed(fd: int) -> Iterator[socket.socket]:
+    """The socket behind ``fd`` while the block runs; ``fd`` itself stays the driver's.
+
+    A duplicate where the system can make one; on Windows, whose socket
+    handles are no C file descriptors that ``os.dup`` could copy, the handle
+    itself, let go again (never closed) when the block ends.
+    """
+    try:
+        sock = _dup(fd)
+    except OSError:
+        sock = socket.socket(fileno=fd)  # OSError if this is no socket either
+        try:
+            yield sock
+        finally:
+            sock.detach()
+        return
+    with sock:
+        yield sock
 
 
 def _chose_their_own(wrapper: BaseDatabaseWrapper) -> bool:
@@ -185,18 +232,28 @@ class Network:
         if _chose_their_own(wrapper):
             return
         options = self.options
+        wanted = [
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (_TCP, _KEEPIDLE, options.idle),
+            (_TCP, _KEEPINTVL, options.interval),
+            (_TCP, _KEEPCNT, options.probes),
+            (_TCP, _USER_TIMEOUT, options.user_timeout),
+        ]
         try:
-            with _dup(fd) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                if _KEEPIDLE is not None:
-                    sock.setsockopt(_TCP, _KEEPIDLE, options.idle)
-                if _KEEPINTVL is not None and options.interval is not None:
-                    sock.setsockopt(_TCP, _KEEPINTVL, options.interval)
-                if _KEEPCNT is not None and options.probes is not None:
-                    sock.setsockopt(_TCP, _KEEPCNT, options.probes)
-                if _USER_TIMEOUT is not None:
-                    sock.setsockopt(_TCP, _USER_TIMEOUT, options.user_timeout)
-        except OSError as exc:  # the socket closed under us, or an option is refused
+            with _borrowed(fd) as sock:
+                for level, option, value in wanted:
+                    if option is None or value is None:
+                        continue  # the platform has no such option, or the system's value
+                    try:
+                        sock.setsockopt(level, option, value)
+                    except OSError as exc:  # refused (older Windows): the others still count
+                        log.debug(
+                            "ipy_dbreset: %s: socket option %s not set: %s",
+                            wrapper.alias,
+                            option,
+                            exc,
+                        )
+        except OSError as exc:  # the socket closed under us
             log.debug("ipy_dbreset: keepalive not set on %s: %s", wrapper.alias, exc)
 
     @staticmethod
@@ -207,10 +264,15 @@ class Network:
             return None
 
         def get(level: int, option: int | None) -> int | None:
-            return None if option is None else int(sock.getsockopt(level, option))
+            if option is None:
+                return None
+            try:
+                return int(sock.getsockopt(level, option))
+            except OSError:  # an option this system version does not know
+                return None
 
         try:
-            with _dup(fd) as sock:
+            with _borrowed(fd) as sock:
                 return SocketState(
                     keepalive=bool(get(socket.SOL_SOCKET, socket.SO_KEEPALIVE)),
                     idle=get(_TCP, _KEEPIDLE),
@@ -284,7 +346,9 @@ class InterruptGuard:
     kernel answers it; if it does not answer within :data:`_PROBE_SECONDS`,
     the socket is shut down.  Only drivers that wait in Python can be helped
     (psycopg 3, psycopg2 with a wait callback): the others run the handler only
-    once their wait in C is over.
+    once their wait in C is over.  Without ``TCP_INFO`` and ``pthread_kill``
+    (macOS, Windows) it watches nothing and never stands in front: the stop
+    button interrupts as it does without the extension.
     """
 
     def __init__(self, *, per_cell: bool) -> None:
@@ -301,7 +365,8 @@ class InterruptGuard:
         self._handing_on = False  # inside the previous handler: a call back to us ends there
 
     def watch(self, wrapper: BaseDatabaseWrapper) -> None:
-        self._watched.add(wrapper)
+        if GUARD_TOOLS:  # else it never stands in front: the plain interrupt
+            self._watched.add(wrapper)
 
     def arm(self) -> None:
         """Stand in front of the current SIGINT handler (main thread only), before a cell."""
@@ -309,13 +374,13 @@ class InterruptGuard:
             return
         if not self._watched or threading.current_thread() is not threading.main_thread():
             return
-        current = signal.getsignal(signal.SIGINT)
+        current = _getsignal(signal.SIGINT)
         if current == self._handle:
             return
         if not callable(current):
             return  # the default action or ignored: nothing to chain to
         self._previous = current
-        signal.signal(signal.SIGINT, self._handle)
+        _setsignal(signal.SIGINT, self._handle)
 
     def cell_over(self) -> None:
         """After a cell: a late probe must not interrupt what comes next."""
@@ -331,10 +396,11 @@ class InterruptGuard:
         previous, self._previous = self._previous, None
         self._passing = False
         main = threading.current_thread() is threading.main_thread()
-        if main and signal.getsignal(signal.SIGINT) == self._handle:
-            signal.signal(signal.SIGINT, previous)
+        if main and _getsignal(signal.SIGINT) == self._handle:
+            _setsignal(signal.SIGINT, previous)
 
     def _hand_on(self, signum: int, frame: FrameType | None) -> None:
+        __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
         previous = self._previous
         if previous is None or self._handing_on:
             # A handler that someone put in front of ours and that hands on to
@@ -348,6 +414,7 @@ class InterruptGuard:
             self._handing_on = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
         if self._handing_on or self._passing or self._probing:
             # Our own re-delivery, or the user pressing again while we probe.
             self._passing = False
