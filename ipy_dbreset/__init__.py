@@ -13,12 +13,18 @@ so that the next cell works.  ``%dbreset`` resets connections on demand and
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
 __version__ = "0.1.0"
+
+# A library's loggers get no handler but this one: where records go is the
+# project's choice, and without a configuration none reaches Python's
+# last-resort handler, which would print them beside their notices.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:

@@ -94,7 +94,7 @@ class Setup(NamedTuple):
     """The environment variables this setup wrote."""
 
     def describe(self) -> str:
-        """What was done, as a statement: ``Django set up with mysite.settings (found in
+        """What was done, as a statement: ``Django set up with 'mysite.settings' (found in
         /src/mysite/manage.py); DJANGO_SETTINGS_MODULE was set to it``."""
         origin = {
             Source.MANAGE_PY: f"found in {self.manage_py}",
@@ -102,7 +102,8 @@ class Setup(NamedTuple):
             Source.OPTION: "from c.DBReset.settings_module",
             Source.CONFIGURED: "its settings were already configured",
         }.get(self.source, self.source.value)
-        text = f"Django set up with {self.settings_module} ({origin})"
+        # Quoted: a module named ``settings`` would read as the word.
+        text = f"Django set up with {self.settings_module!r} ({origin})"
         for name in self.environment:
             if name == SETTINGS_VARIABLE:
                 text += f"; {name} was set to it"

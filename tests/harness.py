@@ -12,22 +12,44 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import django
 from jupyter_client.manager import KernelManager
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
 ROOT = Path(__file__).resolve().parent.parent
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # colours and cursor moves
 DEMO = ROOT / "notebooks"
+
+# What Django 6's shell imports before the models (its get_auto_imports() defaults).
+SHELL_DEFAULTS: tuple[str, ...] = (
+    ("settings", "connection", "models", "reset_queries", "functions", "timezone")
+    if django.VERSION >= (6, 0)
+    else ()
+)
+
+
+def imports_notice(*names: str, defaults: tuple[str, ...] = SHELL_DEFAULTS) -> str:
+    """The pattern of the line ``%load_ext`` prints for ``defaults`` then ``names``.
+
+    Fewer than eight names are shown in full; the rest are counted.
+    """
+    every = [*defaults, *names]
+    count = f"{len(every)} name" + ("" if len(every) == 1 else "s")
+    shown = ", ".join(every[:8]) + (f" and {len(every) - 8} more" if len(every) > 8 else "")
+    return rf"ipy_dbreset: imported {count} \(.*\): {re.escape(shown)}"
 
 
 @dataclass
@@ -47,6 +69,8 @@ class Cell:
     htmls: list[str] = field(default_factory=list)
     error_shown: str = ""
     """The error as a kernel shows it, apart from the streams (a shell prints it to stdout)."""
+    traceback: str = ""
+    """The error's traceback as a kernel sends it to the notebook, without colours."""
     result: Any = None
     """The cell's value itself, when the shell runs in this process."""
     exception: BaseException | None = None
@@ -113,7 +137,11 @@ class Kernel:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
         full_env.update(env or {})
         full_env.setdefault("PYTHONPATH", str(ROOT))
-        self.manager = KernelManager(kernel_name="python3")
+        # Unix sockets rather than TCP ports: kernels started at once (other tests,
+        # other suites on the machine) cannot race each other for a free port.
+        self._sockets = tempfile.mkdtemp(prefix="ipy_dbreset_kernel_")
+        self.manager = KernelManager(kernel_name="python3", transport="ipc")
+        self.manager.ip = os.path.join(self._sockets, "kernel")
         self.manager.kernel_spec.argv[0] = sys.executable
         self.manager.kernel_spec.argv.extend(extra_arguments or [])
         self.manager.start_kernel(cwd=str(cwd), env=full_env)
@@ -142,6 +170,7 @@ class Kernel:
             elif kind == "error":
                 cell.ename, cell.evalue = content["ename"], content["evalue"]
                 cell.error_shown = f"{cell.ename}: {cell.evalue}"
+                cell.traceback = ANSI.sub("", "\n".join(content.get("traceback", [])))
 
         reply = self.client.execute_interactive(code, output_hook=hook, timeout=timeout)
         cell.status = reply["content"]["status"]
@@ -180,7 +209,9 @@ class Kernel:
                 pid = getattr(self.manager.provisioner, "pid", None)
                 if pid:
                     os.kill(pid, signal.SIGKILL)
-        time.sleep(0)
+        sockets = getattr(self, "_sockets", None)  # a subclass may start its kernel its own way
+        if sockets is not None:
+            shutil.rmtree(sockets, ignore_errors=True)
 
 
 # -- fresh IPython shell processes ----------------------------------------------

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from typing import TYPE_CHECKING
 
 import pytest
 
 from conftest import DRIVERS
-from harness import DEMO, clean_env, run, run_ipython, run_shell
+from harness import DEMO, SHELL_DEFAULTS, clean_env, imports_notice, run, run_ipython, run_shell
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -48,7 +49,7 @@ def demo_env(sqlite_url: str, tmp_path: Path) -> dict[str, str]:
     return {"IPY_DBRESET_DEMO_DB": sqlite_url, "IPY_DBRESET_DEMO_OTHER": str(tmp_path / "o.db")}
 
 
-SETUP_NOTICE = "ipy_dbreset: Django set up with demo.settings"
+SETUP_NOTICE = "ipy_dbreset: Django set up with 'demo.settings'"
 
 
 # -- three ways to load -----------------------------------------------------------
@@ -139,7 +140,10 @@ def test_django_already_set_up_is_used_as_is(tmp_path: Path) -> None:
     )
     configure, load, where, status = session.cells
     assert configure.ok and load.ok, load.shown
-    assert load.shown.strip() == ""  # nothing to say: Django was set up by the user
+    # Nothing to say of the set-up, done by the user; only the names of manage.py shell.
+    # settings: the user's own, the same object.
+    defaults = tuple(name for name in SHELL_DEFAULTS if name != "settings")
+    assert re.fullmatch(imports_notice("ContentType", defaults=defaults), load.shown.strip())
     assert load.state["magics"] == ["dbreset", "dbstatus"]
     assert load.state["env"] == configure.state["env"] == {}
     assert load.state["path"] == configure.state["path"]
@@ -174,7 +178,7 @@ def test_settings_from_the_environment_already_set_up(tmp_path: Path, sqlite_url
     )
     setup, load, orm = session.cells
     assert setup.ok and load.ok, load.shown
-    assert load.shown.strip() == ""
+    assert re.fullmatch(imports_notice("Order", "ContentType"), load.shown.strip())
     assert load.state["env"] == setup.state["env"] == {"DJANGO_SETTINGS_MODULE": "demo.settings"}
     assert "ORDERS 0" in orm.stdout
 

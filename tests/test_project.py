@@ -96,7 +96,7 @@ def test_quiet_setup_still_goes_to_the_log(tmp_path: Path) -> None:
     )
     assert_loaded(session[1])
     assert session[1].texts == []
-    assert "ipy_dbreset: Django set up with mysite.settings" in session.output
+    assert "ipy_dbreset: Django set up with 'mysite.settings'" in session.output
     assert "DJANGO_SETTINGS_MODULE was set to it" in session.output
 
 

@@ -110,7 +110,7 @@ def test_dbstatus_has_one_row_per_connection_and_the_repair_on_it(
     assert len(rows) == 1, rows
     assert re.fullmatch(
         r"default\s+psycopg2?\s+\S+\s+\d+\s+idle\n"
-        r"    last repair \d\d:\d\d:\d\d: closed db 'default': the server closed .*",
+        r"    last repair at \d\d:\d\d:\d\d, closed db 'default': the server closed .*",
         rows[0],
     ), rows
     assert kernel.failed == 0
@@ -124,14 +124,19 @@ def test_start_up_notices_are_shown_with_the_first_cell(
 ) -> None:
     kernel, notices = start(way, Project(tmp_path, postgres_url), kernels)
     if way == "shell_plus":  # the server passes its DJANGO_SETTINGS_MODULE on
-        setup = "ipy_dbreset: Django set up with shell_plus_settings (from DJANGO_SETTINGS_MODULE)"
+        setup = (
+            "ipy_dbreset: Django set up with 'shell_plus_settings' (from DJANGO_SETTINGS_MODULE)"
+        )
     else:  # a statement of what was done, not an order to the user
         setup = (
-            f"ipy_dbreset: Django set up with demo.settings (found in {DEMO / 'manage.py'}); "
+            f"ipy_dbreset: Django set up with 'demo.settings' (found in {DEMO / 'manage.py'}); "
             "DJANGO_SETTINGS_MODULE was set to it"
         )
-    assert setup in notices, notices
-    assert any("DJANGO_ALLOW_ASYNC_UNSAFE" in n for n in notices), notices
+    # One block for one start-up, a line for each thing done.
+    assert len(notices) == 1, notices
+    lines = notices[0].splitlines()
+    assert setup in lines, lines
+    assert any("DJANGO_ALLOW_ASYNC_UNSAFE" in n for n in lines), lines
     # Said once, in the first cell only.
     later = kernel.ok("1 + 1")
     assert later.notices == [], later.notices
@@ -143,7 +148,7 @@ def test_terminal_ipython_shows_start_up_notices_as_it_starts(tmp_path: Path, sq
     argv = [sys.executable, "-m", "IPython", "--no-banner", "--ext", "ipy_dbreset"]
     shell = Terminal(argv, DEMO, project.env())
     try:
-        assert "ipy_dbreset: Django set up with demo.settings (found in" in shell.banner
+        assert "ipy_dbreset: Django set up with 'demo.settings' (found in" in shell.banner
         assert shell.type("1 + 1").strip() == "Out[1]: 2"  # said once, at start-up
     finally:
         shell.close()

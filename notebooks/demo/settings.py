@@ -7,6 +7,9 @@ The database is SQLite (``db.sqlite3`` beside ``manage.py``) unless
     IPY_DBRESET_DEMO_DB=mysql://root@127.0.0.1:3306/test
     IPY_DBRESET_DEMO_DB=sqlite:////tmp/demo.sqlite3
 
+Several hosts, and driver options, go in the query string:
+``postgresql://postgres@/test?host=10.0.0.1,10.0.0.2&port=5432,5432&target_session_attrs=read-write``.
+
 Behind PgBouncer in transaction pooling mode, add
 ``?disable_server_side_cursors=1`` to a PostgreSQL URL (Django's
 ``DISABLE_SERVER_SIDE_CURSORS``): a server-side cursor outlives its
@@ -61,8 +64,16 @@ def database(url: str) -> dict[str, object]:
         entry["OPTIONS"] = {"charset": "utf8mb4"}
     if parts.scheme != "mysql" and os.environ.get("IPY_DBRESET_DEMO_POOL"):
         entry["OPTIONS"] = {"pool": {"min_size": 1, "max_size": 4}}
-    if parse_qs(parts.query).get("disable_server_side_cursors") == ["1"]:
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    if query.pop("disable_server_side_cursors", None) == "1":
         entry["DISABLE_SERVER_SIDE_CURSORS"] = True
+    # ?host=a,b&port=p1,p2 for several hosts (libpq tries them in turn); any
+    # other parameter is a driver option: ?target_session_attrs=read-write
+    for key in ("host", "port"):
+        if key in query:
+            entry[key.upper()] = query.pop(key)
+    if query:
+        entry["OPTIONS"] = {**entry.get("OPTIONS", {}), **query}  # type: ignore[dict-item]
     return entry
 
 
