@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ipy_dbreset.drivers import FastCheck, Link, Liveness, Transaction, always_healthy
+from ipy_dbreset.drivers.base import FastCheck, Link, Liveness, Transaction, always_healthy
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper

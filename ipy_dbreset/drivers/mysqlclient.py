@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import MySQLdb
 from MySQLdb.constants import CR
 
-from ipy_dbreset.drivers import FastCheck, Link, Liveness, Transaction, readable
+from ipy_dbreset.drivers.base import FastCheck, Link, Liveness, Transaction, readable
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper

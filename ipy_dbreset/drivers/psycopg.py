@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import pq
 
-from ipy_dbreset.drivers import (
+from ipy_dbreset.drivers.base import (
     FastCheck,
     Link,
     Liveness,

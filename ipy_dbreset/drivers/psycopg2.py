@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import psycopg2
 import psycopg2.extensions
 
-from ipy_dbreset.drivers import (
+from ipy_dbreset.drivers.base import (
     FastCheck,
     Link,
     Liveness,
