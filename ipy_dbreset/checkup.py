@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import Error, connections
 
-from ipy_dbreset.display import where
 from ipy_dbreset.drivers import Sockets, driver_for
 from ipy_dbreset.failover import BECAME_STANDBY, Standbys
 from ipy_dbreset.health import Problem, Snapshot, Verdict, judge, snapshot
 from ipy_dbreset.idle import IdleKeeper
 from ipy_dbreset.ledger import outcome
 from ipy_dbreset.network import Network, SocketState
+from ipy_dbreset.preflight import Preflight
 from ipy_dbreset.readonly import ReadOnly, supported, switch
-from ipy_dbreset.repair import Repair, repair, reset
+from ipy_dbreset.records import Failure, Repair
+from ipy_dbreset.repair import repair, reset
 from ipy_dbreset.tracking import ConnectionTracker, touching
 
 if TYPE_CHECKING:
@@ -44,17 +45,6 @@ HISTORY = 200
 def _manual_transactions(wrapper: BaseDatabaseWrapper) -> None:
     """Put a reconnected wrapper back in the mode the user chose (autocommit off)."""
     wrapper.set_autocommit(False)
-
-
-class Failure(NamedTuple):
-    """A connection whose repair (or reset) itself failed, and the database's error."""
-
-    alias: str
-    thread: str | None
-    error: str
-
-    def describe(self) -> str:
-        return f"{where(self.alias, self.thread)}: {self.error}"
 
 
 class Repairs(weakref.WeakKeyDictionary["BaseDatabaseWrapper", Repair]):
@@ -151,7 +141,7 @@ class Checkup:
     ) -> None:
         # Every connection in use, and the marks their queries set; watching
         # only between start() and stop().
-        self._tracker = ConnectionTracker(home)
+        self._tracker = ConnectionTracker(Preflight(), home)
         self.leave_manual_transactions = leave_manual_transactions
         """Leave an aborted manual transaction to the user; may change between runs."""
         # The last repair or reset of each connection (not of its alias: a

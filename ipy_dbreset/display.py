@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from ipy_dbreset.checkup import Outcome, Status, Switched
     from ipy_dbreset.names import Imported
-    from ipy_dbreset.repair import Repair
+    from ipy_dbreset.records import Failure, Repair, StillOpen
 
 PREFIX = "ipy_dbreset"
 
@@ -187,6 +187,24 @@ def where(alias: str, thread: str | None = None) -> str:
     return f"db {alias!r}" if thread is None else f"db {alias!r} (thread {thread})"
 
 
+def failure_line(failure: Failure) -> str:
+    """``db 'default': <the database's error>``, for a repair or reset that failed."""
+    return f"{where(failure.alias, failure.thread)}: {failure.error}"
+
+
+def still_open_line(still: StillOpen) -> str:
+    """``still open after 10 min: a manual transaction with 2 writes (...) on db 'default'; ...``.
+
+    Said once, as a cell starts, of a transaction open longer than ``long_transaction``.
+    """
+    from ipy_dbreset.idle import duration  # the idle keeper's words for its own durations
+
+    return (
+        f"still open after {duration(still.seconds)}: {still.what} on {where(still.alias)}; "
+        "it holds its locks until it ends"
+    )
+
+
 def _why(repair: Repair) -> str:
     """``<why>; lost 2 unsaved writes (...); <what next>``, each part only if there is one."""
     n = repair.dropped_on_commit
@@ -238,7 +256,9 @@ def threads(connections: Iterable[tuple[str, str | None]]) -> str:
 def failure_notice(outcome: Outcome) -> Notice:
     """What a check repaired and which repairs failed, one line each."""
     lines = [(kind_of(r), repair_line(r)) for r in outcome.repairs]
-    lines += [("error", f"could not repair {f.describe()}; run %dbreset") for f in outcome.failures]
+    lines += [
+        ("error", f"could not repair {failure_line(f)}; run %dbreset") for f in outcome.failures
+    ]
     return Notice.of(lines)
 
 
@@ -250,7 +270,7 @@ def reset_notice(outcome: Outcome, aliases: Sequence[str] | None) -> Notice:
     """What ``%dbreset`` did, left alone and could not do, one line each."""
     # What a reset rolls back is what the user asked it to: nothing is lost unawares.
     lines = [("info", repair_line(r)) for r in outcome.repairs]
-    lines += [("error", f"could not reset {f.describe()}") for f in outcome.failures]
+    lines += [("error", f"could not reset {failure_line(f)}") for f in outcome.failures]
     if outcome.skipped:
         lines.append(("info", f"left, in use by their thread: {threads(outcome.skipped)}"))
     if lines:

@@ -41,10 +41,10 @@ from django.db import Error
 from django.db.backends.signals import connection_created
 
 from ipy_dbreset import ledger
-from ipy_dbreset.display import where
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import judge, open_work
-from ipy_dbreset.repair import Repair, _drop
+from ipy_dbreset.records import Repair, StillOpen
+from ipy_dbreset.repair import drop
 from ipy_dbreset.tracking import Tracked, borrowed, outside_event_loop, waiting_for_work
 
 if TYPE_CHECKING:
@@ -83,9 +83,10 @@ def _session_call(sql: str) -> bool:
 
 
 class Watch:
-    """An ``execute_wrapper`` on a shell-thread connection: what its session holds.
+    """What a connection's session holds, seen query by query while ``idle_release`` is on.
 
-    It also holds a lock while each query runs, so that the release never
+    The connection's :class:`~ipy_dbreset.tracking.Mark` runs each query
+    through it.  It holds a lock while the query runs, so that the release never
     closes a connection under a query (code the shell's event loop runs between
     cells may use the shell thread's connections too).
     """
@@ -160,7 +161,8 @@ def in_transaction(wrapper: BaseDatabaseWrapper) -> bool:
     return driver_for(raw).link(wrapper).transaction is not Transaction.IDLE
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``90 s``, ``45 min``, ``2 h 5 min``."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     minutes = int(seconds // 60)
@@ -169,8 +171,8 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60} min"
 
 
-Said = tuple[int, "str | Repair"]
-"""A line (or a repair) for the user and the verbosity from which it is said."""
+Said = tuple[int, "Repair | StillOpen"]
+"""What to tell the user (a repair, a transaction left open), from which verbosity on."""
 
 
 class IdleKeeper:
@@ -252,8 +254,9 @@ class IdleKeeper:
             self._stopping, self._releasing = True, False
             self._cond.notify()
             for wrapper, watch in list(self._watches.items()):
-                if watch in wrapper.execute_wrappers:
-                    wrapper.execute_wrappers.remove(watch)
+                mark = self.tracker.mark_of(wrapper)
+                if mark is not None and mark.watch is watch:
+                    mark.watch = None
             self._watches.clear()
         if self._thread is not None:
             self._thread.join(5)
@@ -270,9 +273,8 @@ class IdleKeeper:
             if watch is None:
                 owner = None if thread is self.tracker.home_thread else thread
                 watch = self._watches[connection] = Watch(owner)
-                # First, not last: Django's execute_wrapper() context manager
-                # pops the last one on exit, which must stay the user's own.
-                connection.execute_wrappers.insert(0, watch)
+                # Run by the connection's one execute_wrapper, the tracker's mark.
+                self.tracker.mark(connection).watch = watch
             watch.opened()
 
     # -- around cells --------------------------------------------------------
@@ -345,13 +347,7 @@ class IdleKeeper:
                 tally = ledger.tally_of(wrapper)
                 if tally is not None and tally.writes:
                     what += f" with {ledger.writes_text(tally, unsaved=False)}"
-                said.append(
-                    (
-                        1,
-                        f"still open after {_duration(now - seen[0])}: {what} on "
-                        f"{where(wrapper.alias)}; it holds its locks until it ends",
-                    )
-                )
+                said.append((1, StillOpen(wrapper.alias, now - seen[0], what)))
 
     # -- ended threads ---------------------------------------------------------
 
@@ -388,7 +384,7 @@ class IdleKeeper:
                 thread=thread.name,
             )
             self._last[wrapper] = done
-            log.debug("ipy_dbreset: %s", done.describe())  # the notice logs it, at its level
+            log.debug("ipy_dbreset: %r", done)  # the notice logs it in words, at its level
             said.append((1 if work else 2, done))
         # After forgetting, which counts as a change: the next cell need not look again.
         self._threads, self._version = threading.active_count(), tracker.version
@@ -444,12 +440,12 @@ class IdleKeeper:
             done = Repair(
                 wrapper.alias,
                 "closed",
-                f"idle for {_duration(self.release_after)} (idle_release)",
+                f"idle for {duration(self.release_after)} (idle_release)",
                 thread=None if thread is None else thread.name,
                 hint="the next query reconnects",
             )
             self._last[wrapper] = done
-            log.debug("ipy_dbreset: %s", done.describe())  # the notice logs it, at its level
+            log.debug("ipy_dbreset: %r", done)  # the notice logs it in words, at its level
             self._released.append((2, done))
         return again
 
@@ -497,4 +493,4 @@ def _close(wrapper: BaseDatabaseWrapper, *, lost: str | None) -> None:
         if lost is None:
             wrapper.close()  # a healthy connection goes back to its pool, if it has one
         else:
-            _drop(wrapper)
+            drop(wrapper)

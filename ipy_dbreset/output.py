@@ -26,7 +26,9 @@ from ipy_dbreset.display import (
     failure_notice,
     repair_notice,
     skipped_notice,
+    still_open_line,
 )
+from ipy_dbreset.records import StillOpen
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
     from ipy_dbreset.checkup import Outcome
     from ipy_dbreset.idle import Said
-    from ipy_dbreset.repair import Repair
+    from ipy_dbreset.records import Repair
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +191,12 @@ class Output:
             logger = logger.parent if logger.propagate else None
 
     def say_all(self, said: Sequence[Said]) -> None:
-        """Say each (level, line or repair) the checkup has to say as a cell starts or ends."""
+        """Say each (level, record) the checkup has to say as a cell starts or ends."""
         for level, what in said:
-            self.say(what if isinstance(what, str) else repair_notice([what]), level)
+            self.say(
+                still_open_line(what) if isinstance(what, StillOpen) else repair_notice([what]),
+                level,
+            )
 
     def checked(self, outcome: Outcome) -> None:
         """Say what a check did: a failure always, a repair, the connections left alone."""

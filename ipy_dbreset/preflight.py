@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING
 from ipy_dbreset.drivers import driver_for
 from ipy_dbreset.health import open_work
 from ipy_dbreset.ledger import lost, tally_of
-from ipy_dbreset.repair import Repair, _drop
+from ipy_dbreset.patches import patch, unpatch
+from ipy_dbreset.records import Repair
+from ipy_dbreset.repair import drop
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -120,16 +122,14 @@ class Preflight:
         with self._lock:
             if HOOK in wrapper.__dict__:
                 return
-            setattr(wrapper, HOOK, close_if_health_check_failed)
-            self._hooks[wrapper] = weakref.ref(close_if_health_check_failed)
+            self._hooks[wrapper] = patch(wrapper, HOOK, close_if_health_check_failed)
 
     def remove(self, wrapper: BaseDatabaseWrapper) -> None:
         """Take our hook away from ``wrapper``, leaving it as Django made it."""
         with self._lock:
             ref = self._hooks.pop(wrapper, None)
-            hook = None if ref is None else ref()
-            if hook is not None and wrapper.__dict__.get(HOOK) is hook:
-                delattr(wrapper, HOOK)
+            if ref is not None:
+                unpatch(wrapper, HOOK, ref)
 
     def remove_all(self) -> None:
         """Take every hook away again, leaving the wrappers as Django made them."""
@@ -171,7 +171,7 @@ def _look(
         return
     work = open_work(wrapper)
     if work is None:
-        _drop(wrapper)  # ensure_connection(), right after us, opens a new one
+        drop(wrapper)  # ensure_connection(), right after us, opens a new one
         repair = Repair(
             wrapper.alias,
             "reconnected",
@@ -192,5 +192,5 @@ def _look(
         told[0] = raw
     # The user hears of it from the next check's notice, which is also its
     # record at the level of what was lost (ipy_dbreset.output); here for tracing.
-    log.debug("ipy_dbreset: %s", repair.describe())
+    log.debug("ipy_dbreset: %r", repair)
     found.append((wrapper, repair))

@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from django.db import Error
 
-from ipy_dbreset.display import repair_line
 from ipy_dbreset.drivers import Transaction, driver_for
 from ipy_dbreset.health import Problem, Verdict, judge, open_work
 from ipy_dbreset.ledger import kept, ledger_of, lost, tally_of
+from ipy_dbreset.records import Repair
 from ipy_dbreset.transactions import Point, TxState, state_of
 
 if TYPE_CHECKING:
@@ -45,33 +43,6 @@ if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Repair:
-    """What was done to one connection, and what (if anything) was lost."""
-
-    alias: str
-    action: str
-    """What was done, verb first; the connection follows it: ``rolled back``."""
-    reason: str
-    """Why (empty: asked for): ``a failed statement aborted the transaction``."""
-    lost: str | None = None
-    """What was lost or kept: ``lost an atomic block with 2 unsaved writes (...)``."""
-    thread: str | None = None
-    hint: str | None = None
-    """What the user needs to know next: ``the next query reconnects``."""
-    when: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    keep_manual: bool = False
-    """The connection was in manual-transaction mode: reconnect with autocommit off."""
-    dropped_on_commit: int = 0
-    """Pending ``transaction.on_commit`` callbacks discarded with the work (never run)."""
-    gone_savepoints: tuple[str, ...] = ()
-    """The user's own savepoints (``transaction.savepoint()``) that went with the work."""
-
-    def describe(self) -> str:
-        """One line, without a prefix: ``'rolled back db 'default': ...; lost ...'``."""
-        return repair_line(self)
 
 
 def _transaction(wrapper: BaseDatabaseWrapper) -> Transaction:
@@ -232,7 +203,7 @@ def _pool(wrapper: BaseDatabaseWrapper) -> Any:
     return getattr(wrapper, "pool", None)
 
 
-def _drop(wrapper: BaseDatabaseWrapper) -> int:
+def drop(wrapper: BaseDatabaseWrapper) -> int:
     """Close a connection that cannot be used again and forget its transaction.
 
     Returns how many pending ``on_commit`` callbacks were dropped with it.
@@ -269,7 +240,7 @@ def repair(
     Run it where touching ``wrapper`` is allowed (:func:`ipy_dbreset.tracking.touching`).
     """
     done = _repair(wrapper, verdict, thread, leave_manual_transactions)
-    log.debug("ipy_dbreset: %s", done.describe())  # the notice logs it, at its level
+    log.debug("ipy_dbreset: %r", done)  # the notice logs it in words, at its level
     return done
 
 
@@ -295,7 +266,7 @@ def _repair(
         tally = tally_of(wrapper)
         ledger = ledger_of(wrapper)
         said = None if ledger is None else ledger.outcome  # of a COMMIT that did not answer
-        dropped = _drop(wrapper)
+        dropped = drop(wrapper)
         pool = _pool(wrapper)
         if pool is not None and not pool.closed:
             # Whatever killed this connection (a server restart, a DBA) most
@@ -436,7 +407,7 @@ def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair 
     tally = tally_of(wrapper)
     if not state.connected or judge(wrapper) is not None:
         # Nothing in it can be committed any more; do not try.
-        dropped = _drop(wrapper)
+        dropped = drop(wrapper)
     else:
         if not state.in_atomic_block and state.status is Transaction.IDLE:
             work = None
@@ -457,5 +428,5 @@ def reset(wrapper: BaseDatabaseWrapper, *, thread: str | None = None) -> Repair 
         dropped_on_commit=dropped,
         gone_savepoints=state.users_savepoints,
     )
-    log.debug("ipy_dbreset: %s", done.describe())  # the notice logs it, at its level
+    log.debug("ipy_dbreset: %r", done)  # the notice logs it in words, at its level
     return done

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from ipy_dbreset.checkup import Checkup
     from ipy_dbreset.health import Problem
-    from ipy_dbreset.repair import Repair
+    from ipy_dbreset.records import Repair
 
 pytestmark = pytest.mark.usefixtures("demo_django")
 

@@ -73,7 +73,7 @@ def test_magic_help_shows_docstring_and_options(
 
 def test_dbreset_returns_what_it_reset_and_q_prints_nothing(shell: InteractiveShell) -> None:
     from ipy_dbreset.output import ResetResult
-    from ipy_dbreset.repair import Repair
+    from ipy_dbreset.records import Repair
 
     assert run(shell, "connections['other'].ensure_connection()").ok
     open_atomic_with_a_row(shell, 1001)

@@ -83,11 +83,9 @@ def _walk_repair(repair):
         value = getattr(repair, name, None)
         ok = isinstance(value, (str, int, float, bool, type(None)))
         out[name] = value if ok else repr(value)
-    if hasattr(repair, "describe"):
-        out["line"] = repair.describe()
-    else:
-        from ipy_dbreset.display import repair_line
-        out["line"] = repair_line(repair)
+    from ipy_dbreset.display import repair_line
+
+    out["line"] = repair_line(repair)
     return out
 
 
