@@ -56,14 +56,15 @@ from __future__ import annotations
 import functools
 import re
 import time
-import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import Error
 
 from ipy_dbreset import commits
+from ipy_dbreset.patches import patch, unpatch
 
 if TYPE_CHECKING:
+    import weakref
     from collections.abc import Callable
 
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -495,16 +496,12 @@ class Ledger:
         self._report = report
         for name in _HOOKED:
             if name not in self._hooks:
-                hook = self._hook(wrapper, name)
-                setattr(wrapper, name, hook)
-                self._hooks[name] = weakref.ref(hook)
+                self._hooks[name] = patch(wrapper, name, self._hook(wrapper, name))
 
     def remove(self, wrapper: BaseDatabaseWrapper) -> None:
         """Take exactly our hooks away (not one another extension put over them)."""
         for name, ref in self._hooks.items():
-            hook = ref()
-            if hook is not None and wrapper.__dict__.get(name) is hook:
-                delattr(wrapper, name)
+            unpatch(wrapper, name, ref)
         self._hooks.clear()
         self.clear()
         self._report = None

@@ -43,18 +43,18 @@ import sys
 import threading
 import weakref
 from concurrent.futures import thread as futures_thread
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from django.db import connections
 from django.db.backends.signals import connection_created
 from django.utils.connection import ConnectionDoesNotExist
 
 from ipy_dbreset.ledger import Ledger
-from ipy_dbreset.preflight import Preflight
 from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
-from ipy_dbreset.repair import Repair
+from ipy_dbreset.records import Repair
 
 if TYPE_CHECKING:
+    from collections import deque
     from collections.abc import Callable, Iterator
 
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -148,20 +148,6 @@ class Tracked(NamedTuple):
         return None if self.thread is None else self.thread.name
 
 
-class _Guard:
-    """An ``execute_wrapper`` that holds a lock while a query runs."""
-
-    def __init__(self) -> None:
-        self.lock = threading.RLock()  # held while a query runs; hold() tries it
-
-    def __call__(
-        self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
-    ) -> Any:
-        __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
-        with self.lock:
-            return execute(sql, params, many, context)
-
-
 def _reached(wrapper: BaseDatabaseWrapper, current: dict[str, BaseDatabaseWrapper]) -> bool:
     """Whether ``connections[wrapper.alias]`` is ``wrapper`` in the caller's context.
 
@@ -188,7 +174,7 @@ class Mark:
     queued here, and per-cell work does not grow with the number of idle ones.
     """
 
-    __slots__ = ("__weakref__", "_queue", "_told", "ledger", "used", "wrapper")
+    __slots__ = ("__weakref__", "_queue", "_told", "ledger", "used", "watch", "wrapper")
 
     def __init__(
         self,
@@ -215,6 +201,8 @@ class Mark:
         """What the connection's open transaction holds (:mod:`ipy_dbreset.ledger`)."""
         report = None if unsettled is None else (lambda: unsettled.append(self))
         self.ledger.install(wrapper, report)
+        self.watch: Callable[..., Any] | None = None
+        """What the idle keeper wraps each query in, while ``idle_release`` is on."""
 
     def _note(self) -> None:
         if not self.used:
@@ -225,8 +213,12 @@ class Mark:
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
     ) -> Any:
         __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
+        watch = self.watch
         try:
-            result = execute(sql, params, many, context)
+            if watch is None:
+                result = execute(sql, params, many, context)
+            else:
+                result = watch(execute, sql, params, many, context)
         except KeyboardInterrupt:
             if self._told is not None:
                 _interrupted(context["connection"], self._told)
@@ -237,6 +229,24 @@ class Mark:
             self._note()
         self.ledger.note(context["connection"], sql, params, many, context["cursor"])
         return result
+
+
+class GuardedMark(Mark):
+    """The :class:`Mark` of another thread's connection, which also holds a lock while a
+    query runs: :meth:`ConnectionTracker.hold` tries it before touching the connection."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, wrapper: BaseDatabaseWrapper, queue: list[Mark], **kwargs: Any) -> None:
+        super().__init__(wrapper, queue, **kwargs)
+        self.lock = threading.RLock()
+
+    def __call__(
+        self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
+    ) -> Any:
+        __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
+        with self.lock:
+            return Mark.__call__(self, execute, sql, params, many, context)
 
 
 def _interrupted(
@@ -277,24 +287,51 @@ def _interrupted(
     told(wrapper, done)
 
 
+class Lookout(Protocol):
+    """What looks at each tracked connection before its queries (:mod:`ipy_dbreset.preflight`).
+
+    Given by whoever starts the tracker, so that the registry of connections
+    knows nothing of the repairs.
+    """
+
+    found: deque[tuple[BaseDatabaseWrapper, Repair]]
+    """What was done or seen between checks, for the next check to say."""
+
+    def install(
+        self,
+        wrapper: BaseDatabaseWrapper,
+        *,
+        thread: str | None = None,
+        lock: threading.RLock | None = None,
+    ) -> None: ...
+
+    def remove(self, wrapper: BaseDatabaseWrapper) -> None: ...
+
+    def remove_all(self) -> None: ...
+
+    def drain(self) -> list[tuple[BaseDatabaseWrapper, Repair]]: ...
+
+
 class ConnectionTracker:
     """Every Django connection of this process that is known to be in use.
 
     Parameters
     ----------
+    lookout
+        Put on every tracked connection, taken off when it is forgotten.
     home
         The thread the shell runs cells in; its connections are listed directly.
     """
 
-    def __init__(self, home: threading.Thread | None = None) -> None:
+    def __init__(self, lookout: Lookout, home: threading.Thread | None = None) -> None:
         self.home_thread = home or threading.current_thread()
         """The shell's thread: its connections are the ones cells use."""
-        # Other threads' connections, with their thread and the guard put on
-        # them.  Held until forget(): once its thread has ended, a connection is
-        # closed (and what it lost told) by whoever lists them, not at the
-        # garbage collector's whim, which would keep a pooled connection from
-        # its pool and say nothing.
-        self._others: dict[BaseDatabaseWrapper, tuple[threading.Thread, _Guard]] = {}
+        # Other threads' connections, with their thread and their mark.  Held
+        # until forget(): once its thread has ended, a connection is closed
+        # (and what it lost told) by whoever lists them, not at the garbage
+        # collector's whim, which would keep a pooled connection from its pool
+        # and say nothing.
+        self._others: dict[BaseDatabaseWrapper, tuple[threading.Thread, GuardedMark]] = {}
         self._uid = f"ipy_dbreset-{id(self)}"  # our receiver of connection_created
         self.version = 0
         """Bumped whenever a connection is opened, so that cached views can notice."""
@@ -313,8 +350,8 @@ class ConnectionTracker:
         self.unsettled: list[Mark] = []
         """Marks of the connections whose COMMIT did not answer (:mod:`ipy_dbreset.commits`),
         for the next check to ask the server about; any thread appends."""
-        self.preflight = Preflight()
-        """Looks at every tracked connection before its queries (:mod:`ipy_dbreset.preflight`)."""
+        self.preflight = lookout
+        """Looks at every tracked connection before its queries."""
         self.on_created: list[Callable[[BaseDatabaseWrapper], None]] = []
         """Called with every connection opened while watching, in the thread that opened it."""
 
@@ -326,7 +363,7 @@ class ConnectionTracker:
         opened = [w for w in connections.all(initialized_only=True) if w.connection is not None]
         self._home.update(opened)
         for wrapper in self._home:
-            self._mark(wrapper, fresh=wrapper.autocommit and not wrapper.in_atomic_block)
+            self.mark(wrapper, fresh=wrapper.autocommit and not wrapper.in_atomic_block)
             self.preflight.install(wrapper)
         self.version += 1
 
@@ -341,13 +378,9 @@ class ConnectionTracker:
                     wrapper.execute_wrappers.remove(mark)
                 mark.ledger.remove(wrapper)
             self._marks.clear()
+            self._others.clear()
         self.used.clear()
         self.unsettled.clear()
-        with self._lock:
-            for wrapper, (_, guard) in list(self._others.items()):
-                if guard in wrapper.execute_wrappers:
-                    wrapper.execute_wrappers.remove(guard)
-            self._others.clear()
 
     def when_connected(
         self, wrapper: BaseDatabaseWrapper, action: Callable[[BaseDatabaseWrapper], None]
@@ -362,23 +395,29 @@ class ConnectionTracker:
         action = self._on_connect.pop(connection, None)
         if action is not None:
             action(connection)
-        self._mark(connection)
         thread = threading.current_thread()
-        if thread is self.home_thread:
+        home = thread is self.home_thread
+        mark = self.mark(connection)
+        if home:
             self._home.add(connection)
             self.preflight.install(connection)
             return
         with self._lock:
-            if connection not in self._others:
-                guard = _Guard()
-                connection.execute_wrappers.append(guard)
-                self._others[connection] = (thread, guard)
-                self.preflight.install(connection, thread=thread.name, lock=guard.lock)
+            if connection not in self._others and isinstance(mark, GuardedMark):
+                self._others[connection] = (thread, mark)
+                self.preflight.install(connection, thread=thread.name, lock=mark.lock)
 
-    def _mark(self, wrapper: BaseDatabaseWrapper, *, fresh: bool = True) -> None:
+    def mark(self, wrapper: BaseDatabaseWrapper, *, fresh: bool = True) -> Mark:
+        """The wrapper's mark, put on it first if it has none (guarded: another thread's).
+
+        Called in the thread that uses ``wrapper``.
+        """
         with self._lock:
-            if wrapper not in self._marks:
-                mark = self._marks[wrapper] = Mark(
+            mark = self._marks.get(wrapper)
+            if mark is None:
+                home = threading.current_thread() is self.home_thread
+                kind = Mark if home else GuardedMark
+                mark = self._marks[wrapper] = kind(
                     wrapper,
                     self.used,
                     fresh=fresh,
@@ -389,6 +428,7 @@ class ConnectionTracker:
                 # execute_wrapper() context manager, which pops the last
                 # one on exit, never removes it instead of the user's own.
                 wrapper.execute_wrappers.insert(0, mark)
+            return mark
 
     def _tell(self, wrapper: BaseDatabaseWrapper, done: Repair) -> None:
         """Leave ``done`` for the next check to say (any thread)."""
@@ -401,10 +441,8 @@ class ConnectionTracker:
         """Stop tracking another thread's connection (its thread has ended): take
         everything put on it away, so that it is freed with its thread's other objects."""
         with self._lock:
-            entry = self._others.pop(wrapper, None)
+            self._others.pop(wrapper, None)
             mark = self._marks.pop(wrapper, None)
-        if entry is not None and entry[1] in wrapper.execute_wrappers:
-            wrapper.execute_wrappers.remove(entry[1])
         if mark is not None:
             if mark in wrapper.execute_wrappers:
                 wrapper.execute_wrappers.remove(mark)
@@ -491,7 +529,7 @@ class ConnectionTracker:
         if entry is None:  # not (or no longer) tracked: nothing holds it still
             yield False
             return
-        lock = entry[1].lock  # held by its guard around each query
+        lock = entry[1].lock  # held by its mark around each query
         held = lock.acquire(blocking=False)
         if (
             held

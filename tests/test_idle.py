@@ -217,12 +217,15 @@ def test_unload_stops_the_release_and_takes_its_watch_away(start_kernel, postgre
     state = (
         "import threading\n"
         "(sorted(t.name for t in threading.enumerate() if t.name.startswith('ipy_dbreset')),"
-        " [type(w).__name__ for w in connection.execute_wrappers])"
+        " [(type(w).__name__, type(getattr(w, 'watch', None)).__name__)"
+        "  for w in connection.execute_wrappers])"
     )
-    assert kernel.ok(state).value() == (["ipy_dbreset-idle-release"], ["Watch", "Mark"])
+    # One execute wrapper per connection: the mark, which runs each query through the watch.
+    watched = (["ipy_dbreset-idle-release"], [("Mark", "Watch")])
+    assert kernel.ok(state).value() == watched
     kernel.ok("%reload_ext ipy_dbreset")
     kernel.ok("connection.close(); Order.objects.count()")
-    assert kernel.ok(state).value() == (["ipy_dbreset-idle-release"], ["Watch", "Mark"])
+    assert kernel.ok(state).value() == watched
     kernel.ok("%unload_ext ipy_dbreset")
     assert kernel.ok(state).value() == ([], [])
     assert kernel.failed == 0
@@ -288,7 +291,7 @@ def test_users_error_shows_no_frame_of_the_release(start_kernel, postgres_url):
     kernel = start_kernel(postgres_url)
     kernel.ok(f"%config DBReset.idle_release = {IDLE}")
     kernel.ok("connection.close(); Order.objects.create(number=1)")
-    assert kernel.ok("type(connection.execute_wrappers[0]).__name__").value() == "Watch"
+    assert kernel.ok("type(connection.execute_wrappers[0].watch).__name__").value() == "Watch"
     failed = kernel.run("Order.objects.create(number=1)")
     assert failed.ename == "IntegrityError", failed.shown
     assert "Order.objects.create" in failed.traceback, failed.traceback
