@@ -369,7 +369,14 @@ def _rowcount(cursor: Any) -> int:
     return rows if isinstance(rows, int) else -1
 
 
-_HOOKED = ("commit", "rollback", "set_autocommit", "connect")
+_HOOKED = (
+    "commit",
+    "rollback",
+    "set_autocommit",
+    "connect",
+    "savepoint_rollback",
+    "savepoint_commit",
+)
 
 
 class Ledger:
@@ -427,6 +434,17 @@ class Ledger:
             levels[-1].add((action[1], action[2]), n, rows)
         elif what != _READ:
             self._control(what, action[1])
+
+    def unname(self, sid: str) -> None:
+        """Releasing or rolling back to savepoint ``sid`` failed: it is no longer one
+        anybody holds; its writes still count, one level down.
+
+        Django's atomic exit forgets its block's savepoint even when rolling back
+        to it fails (the connection died in the block): without this, that
+        savepoint would look like one the user made.
+        """
+        if len(self._levels) > 1:
+            self._control(_RELEASE, sid)
 
     @staticmethod
     def _classify(sql: Any) -> Action:
@@ -531,6 +549,18 @@ class Ledger:
                 return original(*args, **kwargs)
 
             return connect
+
+        if name in ("savepoint_rollback", "savepoint_commit"):
+
+            def leave_savepoint(sid: str, *args: Any, **kwargs: Any) -> Any:
+                __tracebackhide__ = True  # not the user's error: IPython leaves this frame out
+                try:
+                    return original(sid, *args, **kwargs)
+                except Error:
+                    self.unname(sid)
+                    raise
+
+            return leave_savepoint
 
         if name == "commit":
 

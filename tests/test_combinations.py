@@ -557,3 +557,24 @@ def test_the_model_lists_every_savepoint_innermost_first_with_the_blocks_to_leav
     # Leaving the inner block released its savepoint, and with it the user's last one.
     assert state_of(ns["connection"]).points() == (Point(ns["mine"], 0),)
     assert run(shell, "outer.__exit__(None, None, None)").ok
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.postgres
+def test_a_block_whose_connection_died_in_it_is_not_called_your_savepoint(pg, postgres_db):
+    """Django's own savepoint of an atomic block is no savepoint of the user's.
+
+    The connection dies inside the block: the block's exit fails to roll back
+    to its savepoint, and pops it from Django's list all the same.
+    """
+    pg.ok("transaction.set_autocommit(False); Order.objects.create(number=1)")
+    cell = pg.run(
+        "with transaction.atomic():\n"
+        "    Order.objects.create(number=2)\n"
+        "    connection.cursor().execute('select pg_terminate_backend(pg_backend_pid())')\n"
+    )
+    assert cell.ename in {"OperationalError", "InterfaceError"}, cell.shown
+    said = notice(cell)
+    assert "lost a manual transaction" in said and "savepoint" not in said, said
+    assert pg.ok("Order.objects.count()").value() == 0
+    no_callback_error(pg)

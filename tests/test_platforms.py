@@ -325,11 +325,11 @@ def test_idle_connection_on_a_path_that_forgot_it_is_found_within_the_bound(
 @pytest.fixture
 def without_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """The readiness check as on Windows: select() alone, two sockets per call."""
-    from ipy_dbreset import drivers
+    from ipy_dbreset.drivers import base
 
-    monkeypatch.setattr(drivers, "_POLL", None)
-    monkeypatch.setattr(drivers, "_EPOLL", None)
-    monkeypatch.setattr(drivers, "_SELECT_MAX", 2)  # Windows: 500, for its 512-socket limit
+    monkeypatch.setattr(base, "_POLL", None)
+    monkeypatch.setattr(base, "_EPOLL", None)
+    monkeypatch.setattr(base, "_SELECT_MAX", 2)  # Windows: 500, for its 512-socket limit
 
 
 def test_select_finds_input_on_any_socket_and_a_hang_up(without_poll):
