@@ -91,6 +91,33 @@ class Cell:
     def notices(self) -> list[str]:
         return [t for t in self.texts + self.stdout.splitlines() if t.startswith("ipy_dbreset:")]
 
+    def take(self, msg: dict[str, Any]) -> None:
+        """Note what one IOPub message of this cell showed."""
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            if content["name"] == "stdout":
+                self.stdout += content["text"]
+            else:
+                self.stderr += content["text"]
+        elif kind in ("execute_result", "display_data"):
+            data = content["data"]
+            if "text/plain" in data:
+                self.texts.append(data["text/plain"])
+            if "text/html" in data:
+                self.htmls.append(data["text/html"])
+        elif kind == "error":
+            self.ename, self.evalue = content["ename"], content["evalue"]
+            self.error_shown = f"{self.ename}: {self.evalue}"
+            self.traceback = ANSI.sub("", "\n".join(content.get("traceback", [])))
+
+    def replied(self, reply: dict[str, Any]) -> None:
+        """Note the kernel's execute_reply: the status, and an error no IOPub message named."""
+        self.status = reply["content"]["status"]
+        if self.status == "error" and self.ename is None:
+            self.ename = reply["content"].get("ename")
+            self.evalue = reply["content"].get("evalue")
+            self.error_shown = f"{self.ename}: {self.evalue}"
+
     def value(self) -> Any:
         """The cell's result, evaluated from its text/plain repr."""
         import ast
@@ -152,32 +179,8 @@ class Kernel:
 
     def run(self, code: str, timeout: float = 60) -> Cell:
         cell = Cell(code)
-
-        def hook(msg: dict[str, Any]) -> None:
-            kind = msg["msg_type"]
-            content = msg["content"]
-            if kind == "stream":
-                if content["name"] == "stdout":
-                    cell.stdout += content["text"]
-                else:
-                    cell.stderr += content["text"]
-            elif kind in ("execute_result", "display_data"):
-                data = content["data"]
-                if "text/plain" in data:
-                    cell.texts.append(data["text/plain"])
-                if "text/html" in data:
-                    cell.htmls.append(data["text/html"])
-            elif kind == "error":
-                cell.ename, cell.evalue = content["ename"], content["evalue"]
-                cell.error_shown = f"{cell.ename}: {cell.evalue}"
-                cell.traceback = ANSI.sub("", "\n".join(content.get("traceback", [])))
-
-        reply = self.client.execute_interactive(code, output_hook=hook, timeout=timeout)
-        cell.status = reply["content"]["status"]
-        if cell.status == "error" and cell.ename is None:
-            cell.ename = reply["content"].get("ename")
-            cell.evalue = reply["content"].get("evalue")
-            cell.error_shown = f"{cell.ename}: {cell.evalue}"
+        reply = self.client.execute_interactive(code, output_hook=cell.take, timeout=timeout)
+        cell.replied(reply)
         self.cells.append(cell)
         return cell
 

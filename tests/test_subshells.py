@@ -121,24 +121,9 @@ class Shell:
                 break
             if kind == "execute_input":
                 cell.code = content["code"]
-            elif kind == "stream":
-                if content["name"] == "stdout":
-                    cell.stdout += content["text"]
-                else:
-                    cell.stderr += content["text"]
-            elif kind in ("execute_result", "display_data"):
-                data = content["data"]
-                if "text/plain" in data:
-                    cell.texts.append(data["text/plain"])
-                if "text/html" in data:
-                    cell.htmls.append(data["text/html"])
-            elif kind == "error":
-                cell.ename, cell.evalue = content["ename"], content["evalue"]
-                cell.error_shown = f"{cell.ename}: {cell.evalue}"
-        cell.status = reply["content"]["status"]
-        if cell.status == "error" and cell.ename is None:
-            cell.ename = reply["content"].get("ename")
-            cell.evalue = reply["content"].get("evalue")
+            else:
+                cell.take(msg)
+        cell.replied(reply)
         self.cells.append(cell)
         return cell
 
