@@ -197,7 +197,7 @@ def still_open_line(still: StillOpen) -> str:
 
     Said once, as a cell starts, of a transaction open longer than ``long_transaction``.
     """
-    from ipy_dbreset.idle import duration  # the idle keeper's words for its own durations
+    from ipy_dbreset.ledger import duration
 
     return (
         f"still open after {duration(still.seconds)}: {still.what} on {where(still.alias)}; "

@@ -161,16 +161,6 @@ def in_transaction(wrapper: BaseDatabaseWrapper) -> bool:
     return driver_for(raw).link(wrapper).transaction is not Transaction.IDLE
 
 
-def duration(seconds: float) -> str:
-    """``90 s``, ``45 min``, ``2 h 5 min``."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    minutes = int(seconds // 60)
-    if minutes < 120:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60} min"
-
-
 Said = tuple[int, "Repair | StillOpen"]
 """What to tell the user (a repair, a transaction left open), from which verbosity on."""
 
@@ -440,7 +430,7 @@ class IdleKeeper:
             done = Repair(
                 wrapper.alias,
                 "closed",
-                f"idle for {duration(self.release_after)} (idle_release)",
+                f"idle for {ledger.duration(self.release_after)} (idle_release)",
                 thread=None if thread is None else thread.name,
                 hint="the next query reconnects",
             )

@@ -287,14 +287,16 @@ def writes_text(tally: Tally, *, unsaved: bool = True) -> str:
     return f"{_count(tally, 'unsaved ' if unsaved else '')} ({tally.items()})"
 
 
-def _age(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``under 1 s``, ``90 s``, ``45 min``, ``2 h 5 min``."""
     if seconds < 1:
         return "under 1 s"  # not "open 0 s": it is open
-    if seconds < 60:
+    if seconds < 120:
         return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def status_text(tally: Tally | None) -> str:
@@ -304,7 +306,7 @@ def status_text(tally: Tally | None) -> str:
     count = _writes(tally.writes)
     if not tally.row_by_row:
         count += f" ({'at least ' if tally.unknown else ''}{tally.rows:,} rows)"
-    return f"{count}, open {_age(time.monotonic() - tally.since)}"
+    return f"{count}, open {duration(time.monotonic() - tally.since)}"
 
 
 class _Level:
