@@ -319,7 +319,7 @@ class Worker:
             from ipy_dbreset import drivers, health
 
             driver = drivers.driver_for(wrapper.connection)
-            parts["Checkup.run"] = magics.checkup.run
+            parts["Checkup.healthy"] = lambda: magics.checkup.healthy(True, False)
             parts["judge"] = lambda: health.judge(wrapper)
             parts["driver.link"] = lambda: driver.link(wrapper)
             if fd is not None:

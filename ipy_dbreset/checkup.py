@@ -79,11 +79,6 @@ class Outcome(NamedTuple):
     healthy: bool = False
     """Every connection was judged healthy: nothing was done and none was left out."""
 
-    @property
-    def ok(self) -> bool:
-        """Whether every repair (or reset) that was tried succeeded."""
-        return not self.failures
-
     def __bool__(self) -> bool:
         return bool(self.repairs or self.failures or self.skipped)
 
@@ -123,9 +118,9 @@ class Checkup:
     """Judge and repair every Django connection in use, in every thread.
 
     It watches connections between :meth:`start` and :meth:`stop` (through a
-    :class:`~ipy_dbreset.tracking.ConnectionTracker` of its own); :meth:`run`
-    repairs what is broken, :meth:`reset` resets on request, :meth:`status`
-    describes each connection.
+    :class:`~ipy_dbreset.tracking.ConnectionTracker` of its own); :meth:`healthy`
+    says whether anything changed, :meth:`check_all` repairs what is broken,
+    :meth:`reset` resets on request, :meth:`status` describes each connection.
 
     Parameters
     ----------
@@ -250,44 +245,40 @@ class Checkup:
         self._watched = {}
         self._sockets.close()
 
-    def run(self, *, suspect: bool = False, listen: bool = True, failed: bool = False) -> Outcome:
-        """Repair what is broken and say what was done.
+    def healthy(self, listen: bool, failed: bool) -> bool:
+        """The hot path, before and after every cell: whether every connection is
+        as healthy as the full run last found it.
 
-        ``suspect`` asks for a liveness check of the shell thread's connections
-        even when nothing local hints at trouble (after an interrupt).
-        ``listen=False`` skips looking at the sockets, for a check right after a
-        cell that raised nothing: what the server sends meanwhile is the next
-        check's business.  ``failed`` (the cell raised) re-reads every
-        connection's local state, used or not: an exception can mark an atomic
-        block for rollback without a query.
-        """
-        # The hot path, before and after every cell.  A connection's state
-        # changes while it is used, and every query queues its connection's
-        # mark: only those are read again, each with a function built for it.
-        # What the server sent, to any connection, is one system call.  So a
-        # cell costs the same with one connection or a hundred.  Anything
-        # else (new connections, a mark nobody knows, a suspicion) takes the
-        # full path below.
-        if not suspect and self.healthy(listen=listen, failed=failed):
-            return HEALTHY
-        return self.check_all(suspect=suspect)
+        A connection's state changes while it is used, and every query queues
+        its connection's mark: only those are read again, each with a function
+        built for it.  What the server sent, to any connection, is one system
+        call (``listen=False`` leaves that to the next check: right after a
+        cell that raised nothing).  ``failed`` (the cell raised) re-reads every
+        connection, used or not: an exception can mark an atomic block for
+        rollback without a query.  So a cell costs the same with one
+        connection or a hundred.
 
-    def healthy(self, *, listen: bool = True, failed: bool = False) -> bool:
-        """The fast path alone: whether every connection is as healthy as last time.
-
-        ``False`` means there is something to look at: call :meth:`check_all`
-        (not :meth:`run`: this call has consumed the marks of the connections
-        used since).  A caller that must prepare for a repair (the shell holds
-        back interrupts) does so only then.
+        ``False`` means there is something to look at: call :meth:`check_all`,
+        which this call has left the marks of the connections used since.  A
+        caller that must prepare for a repair (the shell holds back
+        interrupts) does so only then.
         """
         tracker = self._tracker
         # What the look before each query did (ipy_dbreset.preflight) is for check_all to say.
-        if tracker.preflight.found or tracker.unsettled:
+        if tracker.preflight.found or tracker.unsettled or self._fast_version != tracker.version:
             return False
-        return self._fast_version == tracker.version and self._unchanged(listen, failed)
+        if tracker.used and not self._still_healthy(tracker.take_used()):
+            return False
+        if failed and not self._still_healthy(self._watched):
+            return False
+        return not (listen and self._sockets.pending())
 
     def check_all(self, *, suspect: bool = False) -> Outcome:
-        """Judge every connection in full and repair the broken ones; see :meth:`run`."""
+        """Judge every connection in full and repair the broken ones.
+
+        ``suspect`` asks for a liveness check of the shell thread's connections
+        even when nothing local hints at trouble (after an interrupt).
+        """
         tracker = self._tracker
         if tracker.used:
             tracker.take_used()  # the full run reads them all anyway
@@ -349,14 +340,6 @@ class Checkup:
         if not told:
             return outcome_
         return outcome_._replace(repairs=(*told, *outcome_.repairs), healthy=False)
-
-    def _unchanged(self, listen: bool, failed: bool) -> bool:
-        """Whether every connection of the baseline is still as healthy as it was."""
-        if self._tracker.used and not self._still_healthy(self._tracker.take_used()):
-            return False
-        if failed and not self._still_healthy(self._watched):
-            return False
-        return not (listen and self._sockets.pending())
 
     def _still_healthy(self, marks: Iterable[Mark]) -> bool:
         watched = self._watched
@@ -472,7 +455,7 @@ class Checkup:
     def own_cell_ends(self, *, check: bool, suspect: bool = False) -> Outcome:
         """The cell :meth:`own_cell_starts` announced is over: repair what it broke.
 
-        ``suspect`` as for :meth:`run`.
+        ``suspect`` as for :meth:`check_all`.
         """
         me = threading.current_thread()
         try:

@@ -76,6 +76,11 @@ EVENTS = ("pre_run_cell", "post_run_cell")
 
 _thread_id = threading.get_ident  # asked around every cell: one lookup saved
 
+
+def _nothing() -> None:
+    pass
+
+
 LEAKING_IPYKERNELS = frozenset(("7.0.0", "7.0.1"))
 """ipykernel releases that run every cell in a context of its own."""
 
@@ -223,6 +228,9 @@ class DBReset(Magics):
         self._healthy = self.checkup.healthy
         self._check_all = self.checkup.check_all
         self._before_cell, self._after_cell = self.checkup.before_cell, self.checkup.after_cell
+        # The stop button's guard, around each cell while running (set by start()).
+        self._arm: Callable[[], None] = _nothing
+        self._cell_over: Callable[[], None] = _nothing
         with config_checked(self, shell):  # a refused value: BadOption, in one line
             super().__init__(shell=shell, **kwargs)
 
@@ -243,6 +251,7 @@ class DBReset(Magics):
             raise UsageError(f"ipy_dbreset: {exc}") from None
         self.network = Network(self.network_timeout, per_cell=resets_sigint(self.shell))
         self.checkup.start(on_created=self.network.tune)
+        self._arm, self._cell_over = self.network.guard.arm, self.network.guard.cell_over
         self._output.start()
         self._running = True
         self._copy_options()
@@ -289,6 +298,7 @@ class DBReset(Magics):
         if self.network is not None:
             self.network.guard.disarm()
             self.network = None
+        self._arm = self._cell_over = _nothing
         self._connect_bound.remove()
         self._output.stop()
         if self._running:
@@ -353,15 +363,14 @@ class DBReset(Magics):
             return
         if self._output.held:
             self._output.show_held(info)
-        if self.network is not None:
-            self.network.guard.arm()
         if self._running:
+            self._arm()
             said = self._before_cell()
             if said:
                 self._output.say_all(said)
         if self._check_before:
             try:
-                if not self._healthy(listen=True, failed=False):
+                if not self._healthy(True, False):
                     self._check(suspect=False, before_cell=True)
             except KeyboardInterrupt:  # the user stopped the cell as it began
                 pass_on(self.shell, before_cell=True, at_cell_end=self._at_cell_end)
@@ -371,26 +380,26 @@ class DBReset(Magics):
         if _thread_id() != self._home:
             self._own_cell_ends(result)
             return
-        if self.network is not None:
-            self.network.guard.cell_over()
+        if self._running:
+            self._cell_over()
         while self._at_cell_end:  # a displayhook set aside, a cell to stop
             self._at_cell_end.pop()()
+        error = None if result is None else result.error_in_exec
         if self._running:
             # Before the checkup, which takes the marks of the connections the cell used.
             said = self._after_cell()
             if said:
                 self._output.say_all(said)
-        if result is not None and result.error_in_exec is not None and self._running:
-            self._refused(result.error_in_exec)
+            if error is not None:
+                self._refused(error)
         if self._check_after:
-            error = None if result is None else result.error_in_exec
             # A cell that raised nothing can only have left a trace in the
             # driver's and Django's state; the sockets are for the next check.
             # One that raised may have marked a block for rollback without a query.
             failed = error is not None
             suspect = failed and (isinstance(error, KeyboardInterrupt) or cancelled(error))
             try:
-                if suspect or not self._healthy(listen=failed, failed=failed):
+                if suspect or not self._healthy(failed, failed):
                     self._check(suspect=suspect, before_cell=False)
             except KeyboardInterrupt:  # the cell is over: nothing left to interrupt
                 log.info("ipy_dbreset: interrupt after the cell ignored")

@@ -51,6 +51,7 @@ except ImportError:  # an interpreter without CPython's module
     _signal = signal
 _getsignal: Callable[[int], Any] = _signal.getsignal
 _setsignal: Callable[[int, Any], Any] = _signal.signal
+_SIGINT = int(signal.SIGINT)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -358,6 +359,11 @@ class InterruptGuard:
         self.per_cell = per_cell
         # The main thread's connections with a TCP socket; signals run there.
         self._watched: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
+        # Whether it ever watched one: a plain attribute, read around every cell
+        # (asking a WeakSet its length costs as much as the rest of arm()).
+        self._any = False
+        self._main = threading.main_thread().ident  # signals are set and run there only
+        self._handler = self._handle  # one bound method, recognised by identity
         self._previous: Handler = None  # the handler we stand in front of, while armed
         self._cell = 0  # bumped when a cell ends: a probe of an older cell stays quiet
         self._passing = False  # the next SIGINT is one we re-delivered: hand it on
@@ -367,25 +373,26 @@ class InterruptGuard:
     def watch(self, wrapper: BaseDatabaseWrapper) -> None:
         if GUARD_TOOLS:  # else it never stands in front: the plain interrupt
             self._watched.add(wrapper)
+            self._any = True
 
     def arm(self) -> None:
         """Stand in front of the current SIGINT handler (main thread only), before a cell."""
         if self._previous is not None and not self.per_cell:
             return
-        if not self._watched or threading.current_thread() is not threading.main_thread():
+        if not self._any or threading.get_ident() != self._main:
             return
-        current = _getsignal(signal.SIGINT)
-        if current == self._handle:
+        current = _getsignal(_SIGINT)
+        if current is self._handler:
             return
         if not callable(current):
             return  # the default action or ignored: nothing to chain to
         self._previous = current
-        _setsignal(signal.SIGINT, self._handle)
+        _setsignal(_SIGINT, self._handler)
 
     def cell_over(self) -> None:
         """After a cell: a late probe must not interrupt what comes next."""
         self._cell += 1
-        if self.per_cell:
+        if self.per_cell and self._previous is not None:
             self.disarm()
 
     def disarm(self) -> None:
@@ -395,9 +402,8 @@ class InterruptGuard:
             return
         previous, self._previous = self._previous, None
         self._passing = False
-        main = threading.current_thread() is threading.main_thread()
-        if main and _getsignal(signal.SIGINT) == self._handle:
-            _setsignal(signal.SIGINT, previous)
+        if threading.get_ident() == self._main and _getsignal(_SIGINT) is self._handler:
+            _setsignal(_SIGINT, previous)
 
     def _hand_on(self, signum: int, frame: FrameType | None) -> None:
         __tracebackhide__ = True  # not the user's error: IPython leaves this frame out

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from django.db.backends.base.base import BaseDatabaseWrapper
 
-    from ipy_dbreset.checkup import Checkup
+    from ipy_dbreset.checkup import Checkup, Outcome
     from ipy_dbreset.health import Problem
     from ipy_dbreset.records import Repair
 
@@ -157,6 +157,13 @@ CAUSES = {
 }
 
 
+def check(engine: Checkup, *, listen: bool = True) -> Outcome:
+    """What the shell does around a cell: the fast path, and the full check if it finds anything."""
+    from ipy_dbreset.checkup import HEALTHY
+
+    return HEALTHY if engine.healthy(listen, False) else engine.check_all()
+
+
 def problem_of(repair: Repair) -> Problem:
     """The problem a repair was for, from the reason its notice gives."""
     from ipy_dbreset.health import Problem
@@ -237,9 +244,9 @@ def test_healthy_postgres_connection_gets_no_verdict_and_no_round_trip(
     before = pg_last_statement(pid, postgres_db)
     assert pg in [t.wrapper for t in engine.tracked()]
     assert judge(pg) is None
-    assert engine.run() == HEALTHY  # the full path
-    assert engine.run() == HEALTHY  # the fast path
-    assert engine.run(listen=False) == HEALTHY
+    assert check(engine) == HEALTHY  # the full path
+    assert check(engine) == HEALTHY  # the fast path
+    assert check(engine, listen=False) == HEALTHY
     assert pg_last_statement(pid, postgres_db) == before
     pg.rollback()
 
@@ -274,17 +281,17 @@ def test_checkup_reconnects_a_terminated_manual_transaction_in_manual_mode(
     insert(pg, 1)
     pg.set_autocommit(False)
     insert(pg, 2)
-    assert engine.run() == HEALTHY
+    assert check(engine) == HEALTHY
     assert terminate_backends(postgres_db) == 1
     wait_until_disconnected(postgres_db)
-    outcome = engine.run()
-    assert outcome.ok and [problem_of(r) for r in outcome.repairs] == [Problem.LOST], outcome
+    outcome = check(engine)
+    assert not outcome.failures and [problem_of(r) for r in outcome.repairs] == [Problem.LOST], outcome
     assert "manual transaction" in (outcome.repairs[0].lost or "")
     assert numbers(pg) == [1]  # the server discarded 2 with its transaction
     assert pg.get_autocommit() is False  # as the user had it
     insert(pg, 3)
     pg.commit()
-    assert engine.run() == HEALTHY
+    assert check(engine) == HEALTHY
     assert pg_committed(postgres_db) == [1, 3]
 
 
@@ -324,14 +331,14 @@ def test_aborted_manual_transaction_is_left_to_the_user_when_asked(pg, checkup, 
     pg.set_autocommit(False)
     insert(pg, 1)
     insert_twice(pg, 1)
-    outcome = engine.run()
-    assert outcome.ok and [r.action for r in outcome.repairs] == ["did not roll back"], outcome
+    outcome = check(engine)
+    assert not outcome.failures and [r.action for r in outcome.repairs] == ["did not roll back"], outcome
     # Told once; still broken, so not taken as healthy.
-    assert engine.run() == Outcome(healthy=False)
+    assert check(engine) == Outcome(healthy=False)
     verdict = judge(pg)
     assert verdict is not None and verdict.problem is Problem.ABORTED
     pg.rollback()
-    assert engine.run() == HEALTHY
+    assert check(engine) == HEALTHY
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -430,8 +437,8 @@ def test_healthy_sqlite_connection_gets_no_verdict(lite, checkup):
     insert(lite, 2)
     assert lite in [t.wrapper for t in engine.tracked()]
     assert judge(lite) is None
-    assert engine.run() == HEALTHY
-    assert engine.run() == HEALTHY
+    assert check(engine) == HEALTHY
+    assert check(engine) == HEALTHY
 
 
 # -- MariaDB / MySQL ----------------------------------------------------------------------
@@ -475,8 +482,8 @@ def test_healthy_mysql_connection_gets_no_verdict_and_no_round_trip(my, checkup)
     before = mysql_last_command(thread)
     assert my in [t.wrapper for t in engine.tracked()]
     assert judge(my) is None
-    assert engine.run() == HEALTHY
-    assert engine.run() == HEALTHY
+    assert check(engine) == HEALTHY
+    assert check(engine) == HEALTHY
     assert mysql_last_command(thread) == before
     my.rollback()
 
