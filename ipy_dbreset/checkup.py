@@ -24,7 +24,7 @@ from ipy_dbreset.ledger import outcome
 from ipy_dbreset.network import Network, SocketState
 from ipy_dbreset.preflight import Preflight
 from ipy_dbreset.readonly import ReadOnly, supported, switch
-from ipy_dbreset.records import Failure, Repair
+from ipy_dbreset.records import Calm, Failure, Repair
 from ipy_dbreset.repair import repair, reset
 from ipy_dbreset.tracking import ConnectionTracker, touching
 
@@ -136,7 +136,9 @@ class Checkup:
     ) -> None:
         # Every connection in use, and the marks their queries set; watching
         # only between start() and stop().
-        self._tracker = ConnectionTracker(Preflight(), home)
+        self.calm = Calm()
+        """Whether the callbacks around the next cell have nothing to do; see :meth:`quiet`."""
+        self._tracker = ConnectionTracker(Preflight(self.calm), self.calm, home)
         self.leave_manual_transactions = leave_manual_transactions
         """Leave an aborted manual transaction to the user; may change between runs."""
         # The last repair or reset of each connection (not of its alias: a
@@ -197,6 +199,7 @@ class Checkup:
         for the open ones whose thread is not using them.
         """
         self._read_only.on = on
+        self.calm.quiet = False
         switched: list[tuple[str, str | None]] = []
         busy: list[tuple[str, str | None]] = []
         for tracked in self._tracker:
@@ -226,6 +229,7 @@ class Checkup:
                 self._fix(tracked.wrapper, None, verdict, done, failed)
         if done or failed:
             self._fast_version = -1  # closed without a query: the next check reads them all
+            self.calm.quiet = False
         return Outcome(tuple(done), tuple(failed))
 
     @property
@@ -235,6 +239,7 @@ class Checkup:
     def configure_idle(self, *, release_after: float, long_transaction: float) -> None:
         """Seconds before idle connections are released, and a transaction pointed out."""
         self._idle.configure(release_after=release_after, long_transaction=long_transaction)
+        self.calm.quiet = False
 
     def stop(self) -> None:
         """Stop watching; leave every connection as Django made it."""
@@ -242,8 +247,26 @@ class Checkup:
         self._tracker.stop()
         self._tracker.on_created.clear()
         self._fast, self._fast_others, self._fast_version = [], [], -1
+        self.calm.quiet = False
         self._watched = {}
-        self._sockets.close()
+        self._listen(Sockets(()))
+
+    def quiet(self) -> bool:
+        """Whether nothing is left for the next cell's checks but listening to the
+        sockets (:attr:`Calm.pending`): nothing used, found or unsettled since, a
+        baseline for every connection, no other thread's connection and nothing
+        for the idle keeper.
+
+        The shell sets :attr:`calm` true before asking, and false if the
+        answer is no: from then on whatever gives the checks work sets it false.
+        """
+        tracker = self._tracker
+        return (
+            not (tracker.used or tracker.unsettled or tracker.preflight.found)
+            and self._fast_version == tracker.version
+            and not tracker.has_others()
+            and self._idle.quiet()
+        )
 
     def healthy(self, listen: bool, failed: bool) -> bool:
         """The hot path, before and after every cell: whether every connection is
@@ -290,7 +313,7 @@ class Checkup:
             self._watch()
         elif self._watched:  # no baseline until a clean run: keep nothing of the old one
             self._watched = {}
-            self._sockets.close()
+            self._listen(Sockets(()))
         return self._with_preflight(done) if tracker.preflight.found else done
 
     def _settle(self) -> list[tuple[BaseDatabaseWrapper, Mark, str | None, str, str]]:
@@ -364,6 +387,7 @@ class Checkup:
             mark = self._tracker.mark_of(wrapper)
             if mark is None:  # not watched for queries: only the full path can judge it
                 self._fast_version = -1
+                self.calm.quiet = False
                 return
             watched[mark] = (raw, check)
             filenos.append(driver_for(raw).fileno(wrapper))
@@ -372,6 +396,7 @@ class Checkup:
             mark = None if other is None else self._tracker.mark_of(other)
             if other is None or mark is None:
                 self._fast_version = -1
+                self.calm.quiet = False
                 return
             watched[mark] = (raw, check)
             filenos.append(driver_for(raw).fileno(other))
@@ -379,8 +404,13 @@ class Checkup:
         # with its wrapper (see Mark.wrapper).
         self._fast, self._fast_others = [], []
         self._watched = watched
+        self._listen(Sockets(filenos))
+
+    def _listen(self, sockets: Sockets) -> None:
+        """Take ``sockets`` as the fast path's, closing the old ones."""
         self._sockets.close()
-        self._sockets = Sockets(filenos)
+        self._sockets = sockets
+        self.calm.pending = sockets.question()
 
     def _full_run(self, *, suspect: bool) -> Outcome:
         done: list[Repair] = []
@@ -596,6 +626,7 @@ class Checkup:
         # tells the fast path; one that failed may leave a connection broken.
         # The next check reads every connection again.
         self._fast_version = -1
+        self.calm.quiet = False
         for tracked in self._tracker:
             wrapper = tracked.wrapper
             if wanted is not None and wrapper.alias not in wanted:

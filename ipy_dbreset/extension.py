@@ -73,7 +73,7 @@ def load(ipython: InteractiveShell) -> None:
         return
     ipython.register_magics(magics)
     for event in EVENTS:
-        ipython.events.register(event, getattr(magics, event))
+        ipython.events.register(event, magics.callbacks[event])
 
 
 def _refuse(shell: InteractiveShell, message: str, *, at_start_up: str) -> None:
@@ -96,8 +96,8 @@ def unload(ipython: InteractiveShell) -> None:
     if magics is None:
         return
     for event in EVENTS:
-        callback = getattr(magics, event)
-        if callback in ipython.events.callbacks[event]:
+        callback = magics.callbacks.get(event)
+        if callback is not None and callback in ipython.events.callbacks[event]:
             ipython.events.unregister(event, callback)
     manager = ipython.magics_manager
     for kind, names in magics.magics.items():

@@ -272,6 +272,12 @@ class IdleKeeper:
     # Both run around every cell: while there is nothing to do, they read a
     # few attributes and return the same empty tuple.
 
+    def quiet(self) -> bool:
+        """Whether the next cell's before_cell() and after_cell() have nothing to do."""
+        return not (self._releasing or self._open or self._released) and (
+            self._version == self.tracker.version
+        )
+
     def before_cell(self) -> Sequence[Said]:
         """A cell starts: stop the release; say what happened since the last cell."""
         if self._releasing:

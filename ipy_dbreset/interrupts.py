@@ -126,6 +126,14 @@ def in_subshell(shell: InteractiveShell | None) -> bool:
     return main is not None and main is not threading.current_thread()
 
 
+def restores_sigint(shell: InteractiveShell | None) -> bool:
+    """Whether the shell sets its own SIGINT handler again after every cell, whatever
+    handler the cell left: ipykernel does, in the ``post_handler_hook`` run after
+    each request (``pre_handler_hook`` saved it)."""
+    kernel = getattr(shell, "kernel", None)
+    return kernel is not None and callable(getattr(kernel, "post_handler_hook", None))
+
+
 def resets_sigint(shell: InteractiveShell | None) -> bool:
     """Whether the shell puts its own SIGINT handler back around every cell.
 

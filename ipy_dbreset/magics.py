@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
-from traitlets import Bool, Enum, Int, Unicode, observe
+from traitlets import All, Bool, Enum, Int, Unicode, observe
 
 from ipy_dbreset.checkup import Checkup
 from ipy_dbreset.display import (
@@ -55,9 +55,10 @@ from ipy_dbreset.interrupts import (
     interrupts_held,
     pass_on,
     resets_sigint,
+    restores_sigint,
 )
 from ipy_dbreset.names import import_into, imported_already
-from ipy_dbreset.network import Network
+from ipy_dbreset.network import InterruptGuard, Network
 from ipy_dbreset.options import Seconds, Verbosity, config_checked, parse
 from ipy_dbreset.output import Output, ResetResult
 from ipy_dbreset.project import ProjectError, Source, setup_django
@@ -75,10 +76,6 @@ log = logging.getLogger(__name__)
 EVENTS = ("pre_run_cell", "post_run_cell")
 
 _thread_id = threading.get_ident  # asked around every cell: one lookup saved
-
-
-def _nothing() -> None:
-    pass
 
 
 LEAKING_IPYKERNELS = frozenset(("7.0.0", "7.0.1"))
@@ -203,6 +200,8 @@ class DBReset(Magics):
         # Before super().__init__: it loads the shell's config, which runs the observers.
         # The engine: watches connections from start() to stop().
         self.checkup = Checkup(threading.current_thread())
+        # True while both callbacks have nothing to do (see records.Calm).
+        self._calm = self.checkup.calm
         # The shell's own thread; a cell in any other (an ipykernel 7 subshell's)
         # is judged on that thread's own connections only.
         self._home = _thread_id()
@@ -228,9 +227,9 @@ class DBReset(Magics):
         self._healthy = self.checkup.healthy
         self._check_all = self.checkup.check_all
         self._before_cell, self._after_cell = self.checkup.before_cell, self.checkup.after_cell
-        # The stop button's guard, around each cell while running (set by start()).
-        self._arm: Callable[[], None] = _nothing
-        self._cell_over: Callable[[], None] = _nothing
+        self.callbacks: dict[str, Callable[[Any], None]] = {}
+        """What IPython calls around every cell, by event name, once started (see
+        _cell_callbacks)."""
         with config_checked(self, shell):  # a refused value: BadOption, in one line
             super().__init__(shell=shell, **kwargs)
 
@@ -249,9 +248,13 @@ class DBReset(Magics):
             setup = setup_django(self.settings_module)
         except ProjectError as exc:
             raise UsageError(f"ipy_dbreset: {exc}") from None
-        self.network = Network(self.network_timeout, per_cell=resets_sigint(self.shell))
+        self.network = Network(
+            self.network_timeout,
+            per_cell=resets_sigint(self.shell),
+            restored=restores_sigint(self.shell),
+        )
         self.checkup.start(on_created=self.network.tune)
-        self._arm, self._cell_over = self.network.guard.arm, self.network.guard.cell_over
+        self.callbacks = self._cell_callbacks(self.network.guard)
         self._output.start()
         self._running = True
         self._copy_options()
@@ -298,7 +301,6 @@ class DBReset(Magics):
         if self.network is not None:
             self.network.guard.disarm()
             self.network = None
-        self._arm = self._cell_over = _nothing
         self._connect_bound.remove()
         self._output.stop()
         if self._running:
@@ -343,6 +345,10 @@ class DBReset(Magics):
             for tracked in self.checkup.tracked():
                 self.network.tune(tracked.wrapper)
 
+    @observe(All)
+    def _option_changed(self, change: Bunch) -> None:
+        self._calm.quiet = False  # whatever it changes, the next callbacks run in full
+
     @observe("auto_repair", "check_before_cell", "aborted_manual_transactions", "verbosity")
     def _copy_options(self, change: Bunch | None = None) -> None:
         # Read where a trait would cost too much: around every cell, in each check, per notice.
@@ -353,8 +359,45 @@ class DBReset(Magics):
 
     # -- callbacks -----------------------------------------------------------
 
-    # Both run around every cell: they read plain attributes and do nothing
-    # else unless the checkup's fast path found something.
+    # The two methods below are the callbacks' full path: they read plain
+    # attributes and do nothing else unless the checkup's fast path found something.
+
+    def _cell_callbacks(self, guard: InterruptGuard) -> dict[str, Callable[[Any], None]]:
+        """The two callbacks IPython runs around every cell.
+
+        While the checkup has nothing to do (records.Calm) and no socket has
+        input, each only stands the stop button's guard in front of SIGINT or
+        steps it back; otherwise it calls the method of its name.  Closures,
+        not bound methods: a kernel's cell leaves the caches cold, and an
+        attribute of a traitlets class is then a walk up a long class
+        hierarchy; these read a few slots and their own cells.
+        """
+        calm, home, at_cell_end = self._calm, self._home, self._at_cell_end
+        arm, cell_over = guard.arm, guard.cell_over
+        full_pre, full_post = self.pre_run_cell, self.post_run_cell
+
+        def pre_run_cell(info: ExecutionInfo) -> None:
+            if calm.quiet and _thread_id() == home:
+                pending = calm.pending
+                if pending is None or not pending():
+                    if guard.watching:
+                        arm()
+                    return
+            full_pre(info)
+
+        def post_run_cell(result: ExecutionResult | None) -> None:
+            if (
+                calm.quiet
+                and _thread_id() == home
+                and (result is None or result.error_in_exec is None)
+                and not at_cell_end
+            ):
+                if guard.watching:
+                    cell_over()
+                return
+            full_post(result)
+
+        return {"pre_run_cell": pre_run_cell, "post_run_cell": post_run_cell}
 
     def pre_run_cell(self, info: ExecutionInfo) -> None:
         """Repair what broke between cells, before this cell's first query."""
@@ -364,7 +407,8 @@ class DBReset(Magics):
         if self._output.held:
             self._output.show_held(info)
         if self._running:
-            self._arm()
+            if self.network is not None:
+                self.network.guard.arm()
             said = self._before_cell()
             if said:
                 self._output.say_all(said)
@@ -374,14 +418,15 @@ class DBReset(Magics):
                     self._check(suspect=False, before_cell=True)
             except KeyboardInterrupt:  # the user stopped the cell as it began
                 pass_on(self.shell, before_cell=True, at_cell_end=self._at_cell_end)
+        self._settle()
 
     def post_run_cell(self, result: ExecutionResult | None) -> None:
         """Repair what the cell (or the display of its result) left broken."""
         if _thread_id() != self._home:
             self._own_cell_ends(result)
             return
-        if self._running:
-            self._cell_over()
+        if self._running and self.network is not None:
+            self.network.guard.cell_over()
         while self._at_cell_end:  # a displayhook set aside, a cell to stop
             self._at_cell_end.pop()()
         error = None if result is None else result.error_in_exec
@@ -403,6 +448,19 @@ class DBReset(Magics):
                     self._check(suspect=suspect, before_cell=False)
             except KeyboardInterrupt:  # the cell is over: nothing left to interrupt
                 log.info("ipy_dbreset: interrupt after the cell ignored")
+        self._settle()
+
+    def _settle(self) -> None:
+        """After a callback's work: whether the next ones have none (records.Calm).
+
+        Only where both run in full by default; otherwise they always do.
+        """
+        if not self._check_before:
+            return
+        calm = self._calm
+        calm.quiet = True  # first: whatever comes after this sets it false again
+        if self._output.held or self._at_cell_end or not self.checkup.quiet():
+            calm.quiet = False
 
     # A subshell's cell: no signal reaches its thread, and what lasts for a
     # cell, the guard and the idle keeper are the shell thread's.

@@ -205,11 +205,15 @@ class Network:
         Whoever runs the cells puts its own SIGINT handler back for each one
         (ipykernel does): :class:`InterruptGuard` must stand in front of it
         again every cell, and step back after it.
+    restored
+        It also sets its own handler again after each cell (ipykernel): stepping
+        back is then only forgetting the handler we stood in front of.
     """
 
-    def __init__(self, timeout: int, *, per_cell: bool) -> None:
+    def __init__(self, timeout: int, *, per_cell: bool, restored: bool = False) -> None:
         self.options = Keepalive.for_bound(timeout)  # what tune() applies
-        self.guard = InterruptGuard(per_cell=per_cell)  # the stop button's look at the path
+        # The stop button's look at the path.
+        self.guard = InterruptGuard(per_cell=per_cell, restored=restored)
 
     @property
     def timeout(self) -> int:
@@ -352,16 +356,18 @@ class InterruptGuard:
     button interrupts as it does without the extension.
     """
 
-    def __init__(self, *, per_cell: bool) -> None:
+    def __init__(self, *, per_cell: bool, restored: bool = False) -> None:
         # Installing a handler costs microseconds, as much as checking every
         # connection: where nobody replaces it between cells (a terminal), it
         # stays until disarm(); in a kernel, which does, it goes with each cell.
         self.per_cell = per_cell
+        # ipykernel sets its handler again after each request: a second
+        # sigaction() per cell would only be overwritten.
+        self.restored = restored
         # The main thread's connections with a TCP socket; signals run there.
         self._watched: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
-        # Whether it ever watched one: a plain attribute, read around every cell
-        # (asking a WeakSet its length costs as much as the rest of arm()).
-        self._any = False
+        self.watching = False
+        """Whether it ever watched one: then it stands in front around every cell."""
         self._main = threading.main_thread().ident  # signals are set and run there only
         self._handler = self._handle  # one bound method, recognised by identity
         self._previous: Handler = None  # the handler we stand in front of, while armed
@@ -373,13 +379,13 @@ class InterruptGuard:
     def watch(self, wrapper: BaseDatabaseWrapper) -> None:
         if GUARD_TOOLS:  # else it never stands in front: the plain interrupt
             self._watched.add(wrapper)
-            self._any = True
+            self.watching = True
 
     def arm(self) -> None:
         """Stand in front of the current SIGINT handler (main thread only), before a cell."""
-        if self._previous is not None and not self.per_cell:
+        if not self.watching or (self._previous is not None and not self.per_cell):
             return
-        if not self._any or threading.get_ident() != self._main:
+        if threading.get_ident() != self._main:
             return
         current = _getsignal(_SIGINT)
         if current is self._handler:
@@ -391,9 +397,15 @@ class InterruptGuard:
 
     def cell_over(self) -> None:
         """After a cell: a late probe must not interrupt what comes next."""
+        if not self.watching:
+            return  # never armed: no probe to silence
         self._cell += 1
         if self.per_cell and self._previous is not None:
-            self.disarm()
+            if self.restored:  # ours stays until the kernel puts its own back
+                self._previous = None
+                self._passing = False
+            else:
+                self.disarm()
 
     def disarm(self) -> None:
         """Give the SIGINT handler back, unless someone replaced ours meanwhile."""

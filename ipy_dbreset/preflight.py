@@ -34,7 +34,7 @@ from ipy_dbreset.drivers import driver_for
 from ipy_dbreset.health import open_work
 from ipy_dbreset.ledger import lost, tally_of
 from ipy_dbreset.patches import patch, unpatch
-from ipy_dbreset.records import Repair
+from ipy_dbreset.records import Calm, Repair
 from ipy_dbreset.repair import drop
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ _SERVERS = frozenset({"postgresql", "mysql"})
 class Preflight:
     """Installs the look before each query on connection wrappers, and collects what it did."""
 
-    def __init__(self) -> None:
+    def __init__(self, calm: Calm) -> None:
+        self._calm = calm  # set false when a look found something to say
         self.found: deque[tuple[BaseDatabaseWrapper, Repair]] = deque()
         """What the hooks did or saw, and to which connection, oldest first; appended
         from any thread, drained by the between-cell check (deque appends and pops
@@ -97,6 +98,7 @@ class Preflight:
         # Django's method, or the backend's override (the PostgreSQL pool's).
         original: Callable[[], None] = getattr(wrapper, HOOK)
         found = self.found
+        calm = self._calm
         monotonic = time.monotonic
         last = 0.0  # when a cursor was last asked for; 0: look at the first one
         # The dead connection whose loss was recorded: the queries that still
@@ -116,6 +118,8 @@ class Preflight:
                 else:
                     with lock:
                         _look(wrapper, thread, found, told)
+                if found:
+                    calm.quiet = False
             last = now
             original()
 

@@ -7,7 +7,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class Calm:
+    """Whether the shell's two callbacks have nothing to do around the next cell.
+
+    The one attribute they read first: while it is true they return at once
+    (a kernel's cell leaves the processor's caches cold, and every further
+    object read costs there).  Whatever could give them work (a query, a new
+    connection, a COMMIT that did not answer, a repair made before a query, a
+    changed option) sets it false after its own change, from any thread; only
+    the shell's callbacks set it true, and before they look at everything
+    again, so that nothing set meanwhile is missed.
+
+    What the server sends is not among those: ``pending`` asks every socket
+    at once, before each cell (``None``: there is none).
+    """
+
+    __slots__ = ("pending", "quiet")
+
+    def __init__(self) -> None:
+        self.quiet = False
+        self.pending: Callable[[], object] | None = None
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from django.utils.connection import ConnectionDoesNotExist
 
 from ipy_dbreset.ledger import Ledger
 from ipy_dbreset.project import ASYNC_UNSAFE_VARIABLE
-from ipy_dbreset.records import Repair
+from ipy_dbreset.records import Calm, Repair
 
 if TYPE_CHECKING:
     from collections import deque
@@ -174,18 +174,31 @@ class Mark:
     queued here, and per-cell work does not grow with the number of idle ones.
     """
 
-    __slots__ = ("__weakref__", "_queue", "_told", "ledger", "used", "watch", "wrapper")
+    __slots__ = (
+        "__weakref__",
+        "_calm",
+        "_queue",
+        "_told",
+        "_unsettled",
+        "ledger",
+        "used",
+        "watch",
+        "wrapper",
+    )
 
     def __init__(
         self,
         wrapper: BaseDatabaseWrapper,
         queue: list[Mark],
         *,
+        calm: Calm,
         fresh: bool = True,
         unsettled: list[Mark] | None = None,
         told: Callable[[BaseDatabaseWrapper, Repair], None] | None = None,
     ) -> None:
         self._queue = queue
+        self._calm = calm  # set false once this is queued: the callbacks have work
+        self._unsettled = unsettled
         self._told = told  # for what the next check is to say of an interrupted query
         self.used = False
         """Queued and not yet taken: a further query need not queue it again."""
@@ -199,8 +212,7 @@ class Mark:
         # ledger sees its transactions from their start.
         self.ledger = Ledger(known=fresh)
         """What the connection's open transaction holds (:mod:`ipy_dbreset.ledger`)."""
-        report = None if unsettled is None else (lambda: unsettled.append(self))
-        self.ledger.install(wrapper, report)
+        self.ledger.install(wrapper, None if unsettled is None else self._report)
         self.watch: Callable[..., Any] | None = None
         """What the idle keeper wraps each query in, while ``idle_release`` is on."""
 
@@ -208,6 +220,13 @@ class Mark:
         if not self.used:
             self.used = True
             self._queue.append(self)  # atomic: other threads append too
+            self._calm.quiet = False
+
+    def _report(self) -> None:
+        # A COMMIT that did not answer: for the next check to ask the server about.
+        if self._unsettled is not None:
+            self._unsettled.append(self)
+            self._calm.quiet = False
 
     def __call__(
         self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
@@ -323,7 +342,7 @@ class ConnectionTracker:
         The thread the shell runs cells in; its connections are listed directly.
     """
 
-    def __init__(self, lookout: Lookout, home: threading.Thread | None = None) -> None:
+    def __init__(self, lookout: Lookout, calm: Calm, home: threading.Thread | None = None) -> None:
         self.home_thread = home or threading.current_thread()
         """The shell's thread: its connections are the ones cells use."""
         # Other threads' connections, with their thread and their mark.  Held
@@ -352,6 +371,8 @@ class ConnectionTracker:
         for the next check to ask the server about; any thread appends."""
         self.preflight = lookout
         """Looks at every tracked connection before its queries."""
+        self.calm = calm
+        """Set false by whatever is queued above, or a connection opened or forgotten."""
         self.on_created: list[Callable[[BaseDatabaseWrapper], None]] = []
         """Called with every connection opened while watching, in the thread that opened it."""
 
@@ -366,6 +387,7 @@ class ConnectionTracker:
             self.mark(wrapper, fresh=wrapper.autocommit and not wrapper.in_atomic_block)
             self.preflight.install(wrapper)
         self.version += 1
+        self.calm.quiet = False
 
     def stop(self) -> None:
         connection_created.disconnect(dispatch_uid=self._uid)
@@ -381,6 +403,7 @@ class ConnectionTracker:
             self._others.clear()
         self.used.clear()
         self.unsettled.clear()
+        self.calm.quiet = False
 
     def when_connected(
         self, wrapper: BaseDatabaseWrapper, action: Callable[[BaseDatabaseWrapper], None]
@@ -401,11 +424,12 @@ class ConnectionTracker:
         if home:
             self._home.add(connection)
             self.preflight.install(connection)
-            return
-        with self._lock:
-            if connection not in self._others and isinstance(mark, GuardedMark):
-                self._others[connection] = (thread, mark)
-                self.preflight.install(connection, thread=thread.name, lock=mark.lock)
+        else:
+            with self._lock:
+                if connection not in self._others and isinstance(mark, GuardedMark):
+                    self._others[connection] = (thread, mark)
+                    self.preflight.install(connection, thread=thread.name, lock=mark.lock)
+        self.calm.quiet = False
 
     def mark(self, wrapper: BaseDatabaseWrapper, *, fresh: bool = True) -> Mark:
         """The wrapper's mark, put on it first if it has none (guarded: another thread's).
@@ -420,6 +444,7 @@ class ConnectionTracker:
                 mark = self._marks[wrapper] = kind(
                     wrapper,
                     self.used,
+                    calm=self.calm,
                     fresh=fresh,
                     unsettled=self.unsettled,
                     told=self._tell,
@@ -436,6 +461,7 @@ class ConnectionTracker:
         if thread is not self.home_thread:
             done = dataclasses.replace(done, thread=thread.name)
         self.preflight.found.append((wrapper, done))
+        self.calm.quiet = False
 
     def forget(self, wrapper: BaseDatabaseWrapper) -> None:
         """Stop tracking another thread's connection (its thread has ended): take
@@ -450,6 +476,7 @@ class ConnectionTracker:
         self.preflight.remove(wrapper)
         self._on_connect.pop(wrapper, None)
         self.version += 1  # what the checkup keeps of it must go too
+        self.calm.quiet = False
 
     def mark_of(self, wrapper: BaseDatabaseWrapper) -> Mark | None:
         return self._marks.get(wrapper)

@@ -235,7 +235,7 @@ shell = InteractiveShell.instance(config=config)
 
 
 def ours(callback):
-    return type(getattr(callback, "__self__", None)).__name__ == "DBReset"
+    return getattr(callback, "__qualname__", "").startswith("DBReset.")
 
 
 def state():

@@ -285,7 +285,8 @@ def test_checkup_reconnects_a_terminated_manual_transaction_in_manual_mode(
     assert terminate_backends(postgres_db) == 1
     wait_until_disconnected(postgres_db)
     outcome = check(engine)
-    assert not outcome.failures and [problem_of(r) for r in outcome.repairs] == [Problem.LOST], outcome
+    assert not outcome.failures, outcome
+    assert [problem_of(r) for r in outcome.repairs] == [Problem.LOST], outcome
     assert "manual transaction" in (outcome.repairs[0].lost or "")
     assert numbers(pg) == [1]  # the server discarded 2 with its transaction
     assert pg.get_autocommit() is False  # as the user had it
@@ -332,7 +333,8 @@ def test_aborted_manual_transaction_is_left_to_the_user_when_asked(pg, checkup, 
     insert(pg, 1)
     insert_twice(pg, 1)
     outcome = check(engine)
-    assert not outcome.failures and [r.action for r in outcome.repairs] == ["did not roll back"], outcome
+    assert not outcome.failures, outcome
+    assert [r.action for r in outcome.repairs] == ["did not roll back"], outcome
     # Told once; still broken, so not taken as healthy.
     assert check(engine) == Outcome(healthy=False)
     verdict = judge(pg)

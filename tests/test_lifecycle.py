@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # Prints what the extension registered, as the last line of output.
 COUNTS = (
     "ip = get_ipython()\n"
-    "ours = lambda cb: type(getattr(cb, '__self__', None)).__name__ == 'DBReset'\n"
+    "ours = lambda cb: getattr(cb, '__qualname__', '').startswith('DBReset.')\n"
     "print('COUNTS', sum(map(ours, ip.events.callbacks['pre_run_cell'])),"
     " sum(map(ours, ip.events.callbacks['post_run_cell'])),"
     " sum(type(c).__name__ == 'DBReset' for c in ip.configurables),"
@@ -190,7 +190,7 @@ def registered(shell: InteractiveShell) -> tuple[int, int, int, bool, bool]:
     """Callbacks (pre, post), configurables, and whether the magics answer."""
 
     def ours(callback: object) -> bool:
-        return type(getattr(callback, "__self__", None)).__name__ == "DBReset"
+        return getattr(callback, "__qualname__", "").startswith("DBReset.")
 
     return (
         sum(map(ours, shell.events.callbacks["pre_run_cell"])),

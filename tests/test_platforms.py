@@ -357,3 +357,34 @@ def test_select_finds_input_on_any_socket_and_a_hang_up(without_poll):
         for a, b in pairs:
             a.close()
             b.close()
+
+
+@pytest.mark.parametrize("platform", ["linux", "windows"])
+def test_the_question_before_each_cell_finds_input_and_a_hang_up(platform, monkeypatch):
+    """Sockets.question(), asked before every quiet cell: on Linux without releasing the GIL."""
+    import socket
+
+    from ipy_dbreset.drivers import Sockets, base
+
+    if platform == "windows":
+        monkeypatch.setattr(base, "_POLL", None)
+        monkeypatch.setattr(base, "_EPOLL", None)
+    elif base._HELD_QUESTION is None:
+        pytest.skip("no epoll here")
+    assert Sockets([]).question() is None  # nothing to ask: the callbacks skip the call
+    pairs = [socket.socketpair() for _ in range(3)]
+    watched = Sockets([a.fileno() for a, _ in pairs])
+    try:
+        ask = watched.question()
+        assert ask is not None and not ask()
+        pairs[1][1].send(b"x")
+        assert ask()
+        pairs[1][0].recv(1)
+        assert not ask()
+        pairs[2][1].close()
+        assert ask()
+    finally:
+        watched.close()
+        for a, b in pairs:
+            a.close()
+            b.close()

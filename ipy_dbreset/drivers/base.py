@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import select
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -119,6 +120,38 @@ _MASK = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR if _POL
 _SELECT_MAX = 500  # sockets per select() call: Windows' select() takes at most 512
 
 
+def _held_question() -> Callable[[int], Callable[[], object]] | None:
+    """For an epoll set, ``epoll.poll(0)``'s question asked without releasing the GIL
+    (libc's ``epoll_wait`` through ctypes), where there is epoll.
+
+    ``select.epoll.poll`` releases it around the system call, even with a zero
+    timeout; in a kernel, the thread that takes it then (ZMQ's, sending the
+    cell's first messages) keeps it for tens of microseconds.  A zero-timeout
+    wait never blocks, so holding the GIL through it costs nothing.
+    """
+    if _EPOLL is None:
+        return None
+    try:
+        import ctypes
+
+        wait = ctypes.PyDLL(None).epoll_wait
+    except (ImportError, OSError, AttributeError):
+        return None
+    wait.restype = ctypes.c_int
+    # Where it writes what it found, never read: room for one event on any architecture.
+    events = ctypes.create_string_buffer(32)
+
+    def question(epfd: int) -> Callable[[], object]:
+        # At most one event, no timeout: the number found, or -1 on an error
+        # (EINTR included); either sends the caller on to look closer.
+        return functools.partial(wait, epfd, events, 1, 0)
+
+    return question
+
+
+_HELD_QUESTION = _held_question()
+
+
 def _gone(timeout: int) -> list[Any]:
     return [-1]
 
@@ -204,6 +237,19 @@ class Sockets:
         for fileno in wanted:
             watcher.register(fileno, _MASK)
         self._poll = watcher.poll
+
+    def __bool__(self) -> bool:
+        """Whether there is any socket to ask."""
+        return self._poll is not _nothing
+
+    def question(self) -> Callable[[], object] | None:
+        """:meth:`pending` as one call that returns something true if so, valid until
+        :meth:`close`; ``None`` if there is no socket to ask."""
+        if self._poll is _nothing:
+            return None
+        if self._epoll is not None and _HELD_QUESTION is not None:
+            return _HELD_QUESTION(self._epoll.fileno())
+        return functools.partial(self._poll, 0)
 
     def pending(self) -> bool:
         """Whether any socket has input, has hung up or failed (a zero-timeout poll)."""
