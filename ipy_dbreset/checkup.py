@@ -410,7 +410,7 @@ class Checkup:
         """Take ``sockets`` as the fast path's, closing the old ones."""
         self._sockets.close()
         self._sockets = sockets
-        self.calm.pending = sockets.question()
+        self.calm.pending = sockets.question
 
     def _full_run(self, *, suspect: bool) -> Outcome:
         done: list[Repair] = []

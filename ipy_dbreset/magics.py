@@ -77,7 +77,6 @@ EVENTS = ("pre_run_cell", "post_run_cell")
 
 _thread_id = threading.get_ident  # asked around every cell: one lookup saved
 
-
 LEAKING_IPYKERNELS = frozenset(("7.0.0", "7.0.1"))
 """ipykernel releases that run every cell in a context of its own."""
 

@@ -361,7 +361,7 @@ def test_select_finds_input_on_any_socket_and_a_hang_up(without_poll):
 
 @pytest.mark.parametrize("platform", ["linux", "windows"])
 def test_the_question_before_each_cell_finds_input_and_a_hang_up(platform, monkeypatch):
-    """Sockets.question(), asked before every quiet cell: on Linux without releasing the GIL."""
+    """Sockets.question, asked before every quiet cell: on Linux without releasing the GIL."""
     import socket
 
     from ipy_dbreset.drivers import Sockets, base
@@ -371,11 +371,11 @@ def test_the_question_before_each_cell_finds_input_and_a_hang_up(platform, monke
         monkeypatch.setattr(base, "_EPOLL", None)
     elif base._HELD_QUESTION is None:
         pytest.skip("no epoll here")
-    assert Sockets([]).question() is None  # nothing to ask: the callbacks skip the call
+    assert Sockets([]).question is None  # nothing to ask: the callbacks skip the call
     pairs = [socket.socketpair() for _ in range(3)]
     watched = Sockets([a.fileno() for a, _ in pairs])
     try:
-        ask = watched.question()
+        ask = watched.question
         assert ask is not None and not ask()
         pairs[1][1].send(b"x")
         assert ask()

@@ -156,10 +156,6 @@ def _gone(timeout: int) -> list[Any]:
     return [-1]
 
 
-def _nothing(timeout: int) -> list[Any]:
-    return []
-
-
 def _selecting(filenos: list[int]) -> Callable[[int], list[Any]]:
     """``poll``'s question (timeout in ms), asked with ``select()`` where there is no ``poll``.
 
@@ -215,8 +211,11 @@ class Sockets:
     def __init__(self, filenos: Iterable[int]) -> None:
         wanted = sorted({fileno for fileno in filenos if fileno >= 0})
         self._epoll: select.epoll | None = None  # ours to close, on Linux
-        # The question asked: the epoll set's, the poll set's or select()'s, or none at all.
-        self._poll: Callable[[int], list[Any]] = _nothing
+        self.question: Callable[[], object] | None = None
+        """The zero-timeout question, as one call that returns something true if
+        any socket has input, has hung up or failed: the epoll set's (asked
+        without releasing the GIL where it can be), the poll set's or
+        select()'s; ``None`` with no socket, and after :meth:`close`."""
         if not wanted:
             return
         if _EPOLL is not None:
@@ -228,38 +227,30 @@ class Sockets:
                 epoll.close()
             else:
                 self._epoll = epoll
-                self._poll = epoll.poll
+                self.question = (
+                    functools.partial(epoll.poll, 0)
+                    if _HELD_QUESTION is None
+                    else _HELD_QUESTION(epoll.fileno())
+                )
                 return
         if _POLL is None:
-            self._poll = _selecting(wanted)
+            self.question = functools.partial(_selecting(wanted), 0)
             return
         watcher = _POLL()
         for fileno in wanted:
             watcher.register(fileno, _MASK)
-        self._poll = watcher.poll
-
-    def __bool__(self) -> bool:
-        """Whether there is any socket to ask."""
-        return self._poll is not _nothing
-
-    def question(self) -> Callable[[], object] | None:
-        """:meth:`pending` as one call that returns something true if so, valid until
-        :meth:`close`; ``None`` if there is no socket to ask."""
-        if self._poll is _nothing:
-            return None
-        if self._epoll is not None and _HELD_QUESTION is not None:
-            return _HELD_QUESTION(self._epoll.fileno())
-        return functools.partial(self._poll, 0)
+        self.question = functools.partial(watcher.poll, 0)
 
     def pending(self) -> bool:
         """Whether any socket has input, has hung up or failed (a zero-timeout poll)."""
-        return bool(self._poll(0))
+        question = self.question
+        return question is not None and bool(question())
 
     def close(self) -> None:
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
-        self._poll = _nothing
+        self.question = None
 
 
 def readable(fileno: int) -> bool:
