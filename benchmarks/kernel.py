@@ -4,11 +4,14 @@ A kernel is not a terminal shell: ipykernel replaces the SIGINT handler around
 every ``execute_request``, so whatever the extension does with signals is paid
 per cell there and never in ``InteractiveShell``.  :func:`measure` starts a real
 ipykernel through ``jupyter_client``, with an open Django connection, and runs
-empty cells sent as real execute requests.  Inside the kernel, two timers
+empty cells sent as real execute requests.  Inside the kernel, timers
 stand outside everything else: one around ``run_cell_async`` (the whole cell as
-the kernel runs it, without the messaging) and one around each of the
-extension's callbacks.  Rounds alternate between the extension unloaded and
-loaded in the same kernel (ABBA), so the machine's drift favours neither.
+the kernel runs it, without the messaging), one around each of the
+extension's callbacks, and one around each of the kernel's SIGINT hooks
+(``pre_handler_hook``/``post_handler_hook``, run around every request),
+which the extension takes over to put its guard in front.  Rounds alternate
+between the extension unloaded and loaded in the same kernel (ABBA), so the
+machine's drift favours neither.
 
 ``percell.py`` prints these figures beside the terminal shell's.
 """
@@ -28,7 +31,10 @@ from common import DEMO, BenchmarkBroken
 # so that %unload_ext finds exactly the callbacks it registered.
 KERNEL_TIMERS = r'''
 import functools as _functools, time as _time
-_bench = {"cells": [], "pre_run_cell": [], "post_run_cell": []}
+_bench = {
+    "cells": [], "pre_run_cell": [], "post_run_cell": [],
+    "pre_handler_hook": [], "post_handler_hook": [],
+}
 _shell = get_ipython()
 _clock = _time.perf_counter_ns
 
@@ -44,26 +50,40 @@ def _bench_timed_cell(run_cell_async):
 
 _shell.run_cell_async = _bench_timed_cell(type(_shell).run_cell_async.__get__(_shell))
 
-def _bench_wrap():
-    """Replace the extension's callbacks by timed ones; return how to put them back."""
+def _bench_timed(call, times):
+    def timed(*args):
+        started = _clock()
+        try:
+            return call(*args)
+        finally:
+            times.append(_clock() - started)
+    return timed
+
+def _bench_wrap(loaded):
+    """Time the extension's callbacks (when loaded) and the kernel's SIGINT hooks,
+    which the extension may take over; return how to put them back."""
     swapped = []
-    for event in ("pre_run_cell", "post_run_cell"):
-        callbacks = _shell.events.callbacks[event]
-        for i, callback in enumerate(callbacks):
-            if getattr(callback, "__module__", "").startswith("ipy_dbreset"):
-                def timed(*args, _callback=callback, _times=_bench[event]):
-                    started = _clock()
-                    try:
-                        return _callback(*args)
-                    finally:
-                        _times.append(_clock() - started)
-                callbacks[i] = timed
-                swapped.append((callbacks, i, callback))
-    if len(swapped) != 2:
-        raise RuntimeError(f"expected the extension's 2 callbacks, found {len(swapped)}")
+    if loaded:
+        for event in ("pre_run_cell", "post_run_cell"):
+            callbacks = _shell.events.callbacks[event]
+            for i, callback in enumerate(callbacks):
+                if getattr(callback, "__module__", "").startswith("ipy_dbreset"):
+                    callbacks[i] = _bench_timed(callback, _bench[event])
+                    swapped.append((callbacks, i, callback))
+        if len(swapped) != 2:
+            raise RuntimeError(f"expected the extension's 2 callbacks, found {len(swapped)}")
+    kernel = _shell.kernel
+    hooks = {name: kernel.__dict__.get(name) for name in ("pre_handler_hook", "post_handler_hook")}
+    for name in hooks:
+        setattr(kernel, name, _bench_timed(getattr(kernel, name), _bench[name]))
     def restore():
         for callbacks, i, callback in swapped:
             callbacks[i] = callback
+        for name, before in hooks.items():
+            if before is None:
+                delattr(kernel, name)
+            else:
+                setattr(kernel, name, before)
     return restore
 '''
 
@@ -150,26 +170,33 @@ def measure(env: dict[str, str], *, driver: str, cells: int, rounds: int) -> dic
             raise BenchmarkBroken(f"the kernel uses {used}, not {driver}")
         kernel.run(KERNEL_TIMERS)
         kernel.empty_cells(cells)  # warm-up
-        figures: dict[str, list[float]] = {"bare": [], "loaded": [], "callbacks": []}
+        figures: dict[str, list[float]] = {
+            "bare": [],
+            "loaded": [],
+            "callbacks": [],
+            "hooks bare": [],
+            "hooks loaded": [],
+        }
         for i in range(rounds * 2):
             loaded = (i % 4) in (1, 2)  # bare, loaded, loaded, bare, ...
-            if loaded:
-                kernel.run("%load_ext ipy_dbreset\n_bench_restore = _bench_wrap()")
-            else:
-                kernel.run("%unload_ext ipy_dbreset")
+            switch = "%load_ext ipy_dbreset" if loaded else "%unload_ext ipy_dbreset"
+            kernel.run(f"{switch}\n_bench_restore = _bench_wrap({loaded})")
             kernel.run("for _times in _bench.values(): _times.clear()")
             kernel.empty_cells(cells)
-            # What this cell itself adds (its span, its pre_run_cell) comes after
-            # the empty cells' in each list, as its clearing cell's post_run_cell
-            # comes before them.
+            # What this cell itself adds (its span, its pre_run_cell, its
+            # request's pre_handler_hook) comes after the empty cells' in each
+            # list, as its clearing cell's post_run_cell and post_handler_hook
+            # come before them.
             timed = kernel.run("repr([_bench[k][:] for k in _bench])")["value"]
-            spans, pre, post = ast.literal_eval(ast.literal_eval(timed))
+            spans, pre, post, pre_hook, post_hook = ast.literal_eval(ast.literal_eval(timed))
             spans = spans[-cells:]
             figures["loaded" if loaded else "bare"].append(_median_of(spans))
+            hooks = [a + b for a, b in zip(pre_hook[:cells], post_hook[-cells:], strict=True)]
+            figures["hooks loaded" if loaded else "hooks bare"].append(_median_of(hooks))
             if loaded:
                 per_cell = [a + b for a, b in zip(pre[:cells], post[-cells:], strict=True)]
                 figures["callbacks"].append(_median_of(per_cell))
-                kernel.run("_bench_restore()")
+            kernel.run("_bench_restore()")
         return {key: statistics.median(values) for key, values in figures.items()}
     finally:
         kernel.close()

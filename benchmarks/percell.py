@@ -663,6 +663,11 @@ def measure_overhead(bare: Shell, loaded: Shell, cells: int, rounds: int) -> lis
 def measure_kernel(env: dict[str, str], driver: str, cells: int, rounds: int) -> list[Row]:
     """The same empty cells in a real ipykernel, where the SIGINT handler changes per cell."""
     got = kernel.measure(env, driver=driver, cells=cells, rounds=rounds)
+    # The kernel's own hooks run outside the cell; the extension puts the
+    # guard in front in theirs instead of in a callback: what they cost more
+    # (or less) is the extension's too.
+    hooks = got["hooks loaded"] - got["hooks bare"]
+    ours = got["callbacks"] + hooks
     return [
         _ratio_row(
             "kernel: empty cell, median round (µs)", got["bare"], got["loaded"], KERNEL_TARGET
@@ -672,8 +677,19 @@ def measure_kernel(env: dict[str, str], driver: str, cells: int, rounds: int) ->
             "  kernel: both callbacks, per cell (µs)",
             with_=us(got["callbacks"]),
             result=f"{got['callbacks'] / got['bare'] * 100:.1f}% of a cell",
+        ),
+        Row(
+            "  kernel: its SIGINT hooks, per request (µs)",
+            us(got["hooks bare"]),
+            us(got["hooks loaded"]),
+            result=f"{hooks / 1000:+.1f}",
+        ),
+        Row(
+            "  kernel: callbacks + hooks' difference (µs)",
+            with_=us(ours),
+            result=f"{ours / got['bare'] * 100:.1f}% of a cell",
             target=f"<= {CALLBACKS_TARGET_US} µs",
-            verdict=judged(got["callbacks"] / 1000, CALLBACKS_TARGET_US),
+            verdict=judged(ours / 1000, CALLBACKS_TARGET_US),
         ),
     ]
 

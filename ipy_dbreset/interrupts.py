@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ipy_dbreset.tracking import in_event_loop
 
@@ -126,12 +126,14 @@ def in_subshell(shell: InteractiveShell | None) -> bool:
     return main is not None and main is not threading.current_thread()
 
 
-def restores_sigint(shell: InteractiveShell | None) -> bool:
-    """Whether the shell sets its own SIGINT handler again after every cell, whatever
-    handler the cell left: ipykernel does, in the ``post_handler_hook`` run after
-    each request (``pre_handler_hook`` saved it)."""
+def sigint_kernel(shell: InteractiveShell | None) -> Any:
+    """The kernel that sets SIGINT's handler around every request, whatever the
+    cell left (ipykernel's ``pre_handler_hook`` and ``post_handler_hook``), or None."""
     kernel = getattr(shell, "kernel", None)
-    return kernel is not None and callable(getattr(kernel, "post_handler_hook", None))
+    hooks = ("pre_handler_hook", "post_handler_hook")
+    if kernel is None or not all(callable(getattr(kernel, name, None)) for name in hooks):
+        return None
+    return kernel
 
 
 def resets_sigint(shell: InteractiveShell | None) -> bool:

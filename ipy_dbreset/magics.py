@@ -55,7 +55,7 @@ from ipy_dbreset.interrupts import (
     interrupts_held,
     pass_on,
     resets_sigint,
-    restores_sigint,
+    sigint_kernel,
 )
 from ipy_dbreset.names import import_into, imported_already
 from ipy_dbreset.network import InterruptGuard, Network
@@ -250,7 +250,7 @@ class DBReset(Magics):
         self.network = Network(
             self.network_timeout,
             per_cell=resets_sigint(self.shell),
-            restored=restores_sigint(self.shell),
+            kernel=sigint_kernel(self.shell),
         )
         self.checkup.start(on_created=self.network.tune)
         self.callbacks = self._cell_callbacks(self.network.guard)
@@ -298,6 +298,7 @@ class DBReset(Magics):
     def stop(self) -> None:
         """Stop watching connections and undo what :meth:`start` changed, saying what."""
         if self.network is not None:
+            self.network.guard.unhook()
             self.network.guard.disarm()
             self.network = None
         self._connect_bound.remove()

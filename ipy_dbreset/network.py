@@ -205,15 +205,18 @@ class Network:
         Whoever runs the cells puts its own SIGINT handler back for each one
         (ipykernel does): :class:`InterruptGuard` must stand in front of it
         again every cell, and step back after it.
-    restored
-        It also sets its own handler again after each cell (ipykernel): stepping
-        back is then only forgetting the handler we stood in front of.
+    kernel
+        The ipykernel kernel that runs the cells, which sets its own handler
+        before and after each request: the guard is put in front by the
+        kernel's own call (:meth:`InterruptGuard.hook`).
     """
 
-    def __init__(self, timeout: int, *, per_cell: bool, restored: bool = False) -> None:
+    def __init__(self, timeout: int, *, per_cell: bool, kernel: Any = None) -> None:
         self.options = Keepalive.for_bound(timeout)  # what tune() applies
         # The stop button's look at the path.
-        self.guard = InterruptGuard(per_cell=per_cell, restored=restored)
+        self.guard = InterruptGuard(per_cell=per_cell, restored=kernel is not None)
+        if kernel is not None:
+            self.guard.hook(kernel)
 
     @property
     def timeout(self) -> int:
@@ -338,6 +341,7 @@ def path_info(sock: socket.socket) -> PathInfo | None:
 
 
 Handler = Any  # what signal.getsignal returns: a callable, SIG_DFL, SIG_IGN or None
+_ABSENT = object()  # an attribute that was not there
 
 
 class InterruptGuard:
@@ -375,11 +379,47 @@ class InterruptGuard:
         self._passing = False  # the next SIGINT is one we re-delivered: hand it on
         self._probing = False  # a probe thread is deciding about the last interrupt
         self._handing_on = False  # inside the previous handler: a call back to us ends there
+        # While hooked: the kernel, our pre_handler_hook and what it replaced there.
+        self._kernel: tuple[Any, Callable[[], None], Any] | None = None
 
     def watch(self, wrapper: BaseDatabaseWrapper) -> None:
         if GUARD_TOOLS:  # else it never stands in front: the plain interrupt
             self._watched.add(wrapper)
             self.watching = True
+
+    def hook(self, kernel: Any) -> None:
+        """Be put in front of SIGINT by ipykernel itself, before each request.
+
+        ``Kernel.pre_handler_hook`` sets ``default_int_handler`` for every
+        request and ``post_handler_hook`` puts the kernel's handler back;
+        once watching, ours sets the guard instead, in the same one call, so
+        that :meth:`arm` finds it in place and a cell costs no system call of
+        ours.  Mirrors ``pre_handler_hook`` of ipykernel 6.0 to 7.x.
+        """
+        original = kernel.pre_handler_hook
+        before = kernel.__dict__.get("pre_handler_hook", _ABSENT)
+
+        def pre_handler_hook() -> None:
+            if self._kernel is None or not self.watching or threading.get_ident() != self._main:
+                original()
+                return
+            self._previous = signal.default_int_handler
+            kernel.saved_sigint_handler = _setsignal(_SIGINT, self._handler)
+
+        kernel.pre_handler_hook = pre_handler_hook
+        self._kernel = (kernel, pre_handler_hook, before)
+
+    def unhook(self) -> None:
+        """Give the kernel its own ``pre_handler_hook`` back (see :meth:`hook`)."""
+        if self._kernel is None:
+            return
+        kernel, ours, before = self._kernel
+        self._kernel = None  # ours, if someone wrapped it meanwhile, now only calls theirs
+        if kernel.__dict__.get("pre_handler_hook") is ours:
+            if before is _ABSENT:
+                del kernel.pre_handler_hook
+            else:
+                kernel.pre_handler_hook = before
 
     def arm(self) -> None:
         """Stand in front of the current SIGINT handler (main thread only), before a cell."""

@@ -278,3 +278,25 @@ def test_sigint_handler_is_ours_only_while_loaded(postgres_url, tmp_path):
     assert all(cell.ok for cell in session.cells), session.output
     assert session[3].stdout.strip() == "InterruptGuard._handle"
     assert session[5].stdout.strip() == "default_int_handler"
+
+
+@pytest.mark.postgres
+def test_in_a_kernel_the_guard_is_put_in_front_by_the_kernels_own_hook(start_kernel, postgres_url):
+    """ipykernel sets SIGINT's handler before every request: ours is set in that same call."""
+    kernel = start_kernel(postgres_url)
+    kernel.ok("from django.db import connection; connection.ensure_connection()")
+    looked = (
+        "import signal\n"
+        "hook = get_ipython().kernel.__dict__.get('pre_handler_hook')\n"
+        "print(getattr(signal.getsignal(signal.SIGINT), '__qualname__', None),\n"
+        "      getattr(hook, '__qualname__', None))"
+    )
+    assert kernel.ok(looked).stdout.split() == [
+        "InterruptGuard._handle",
+        "InterruptGuard.hook.<locals>.pre_handler_hook",
+    ]
+    kernel.ok("%unload_ext ipy_dbreset")
+    assert kernel.ok(looked).stdout.split() == ["default_int_handler", "None"]
+    kernel.ok("%load_ext ipy_dbreset")
+    kernel.ok("x = 1")
+    assert kernel.ok(looked).stdout.split()[0] == "InterruptGuard._handle"
