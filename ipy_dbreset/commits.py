@@ -1,25 +1,6 @@
-"""A COMMIT whose answer never came: asking the server whether it committed.
+"""A COMMIT whose answer never came: asking PostgreSQL whether it committed.
 
-A COMMIT can be on its way, or waiting on the server (for a synchronous
-standby, a deferred trigger), when its connection dies or the user presses
-the stop button.  Then nobody on this side knows whether the transaction
-committed: the server may have written it and lost the connection before it
-could answer, and a cancel may come too late.  Saying "lost" would be a
-guess, and so would "saved".
-
-PostgreSQL can tell.  Just before the COMMIT of a transaction that wrote
-(and only then: a transaction that wrote nothing has nothing to lose), its
-id is noted with ``txid_current_if_assigned()`` (PostgreSQL 10 and later):
-one round trip on the connection, next to the COMMIT's own.  Should the
-COMMIT not answer, the next check asks the server, on a short-lived
-connection of its own, ``txid_status()`` of that id, and the notice says
-what the server says: committed, or rolled back, with the writes counted.
-MySQL and SQLite cannot be asked: there, the notice says that it cannot be
-known.
-
-A COMMIT the server refused (an error answer on a live connection: a
-deferred constraint, a serialization failure, a cancel) rolled back: nothing
-is in doubt, and the notice counts what went with it.
+See ``docs/internals.md`` (A COMMIT whose answer never came).
 """
 
 from __future__ import annotations

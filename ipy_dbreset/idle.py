@@ -1,30 +1,7 @@
-"""Letting go of connections nobody uses, on servers many people share.
+"""Letting go of idle connections on shared servers, and of ended threads' connections.
 
-On a shared PostgreSQL (a JupyterHub, a team's database with
-``max_connections = 100``) a notebook left open holds its connections for
-days, and a worker thread's connection outlives its thread until the garbage
-collector finds it.  :class:`IdleKeeper` does three things between cells:
-
-* With ``release_after`` seconds set, it closes idle connections once the
-  shell has waited that long for input, if a reconnect would lose nothing: no
-  transaction, no atomic block, autocommit on, and no session state among the
-  statements the connection ran since it opened (``SET``, temporary tables,
-  advisory locks, ``LISTEN``, ``PREPARE``, cursors declared or held open).
-  The next query reconnects as Django always does.  Those are the shell
-  thread's, and those of other threads that run none of their own code (a
-  pool worker waiting for its next job, as the async ORM's thread does
-  between cells) and ran no query for that long either.
-* It closes the connections of other threads once they have ended, and lets
-  the tracker forget them.
-* It points out, once, a transaction left open between cells for longer than
-  ``long_transaction`` seconds, without touching it.
-
-The release runs in a thread of its own, which waits until the shell has been
-idle for long enough; the shell's ``before_cell`` takes the same lock, so a
-cell never starts while a connection is being closed, and none is closed
-while a cell runs.  Only connections that opened while the release was on are
-watched (an ``execute_wrapper`` reads their statements): one opened before
-has a history nobody saw, and is kept.
+What is released when, what is kept, and how a release never overlaps a cell:
+``docs/internals.md`` (Idle connections on shared servers).
 """
 
 from __future__ import annotations

@@ -1,54 +1,8 @@
-"""Knowing what an open transaction holds: how many writes, of which kind, on which table.
+"""What an open transaction holds: how many writes, of which kind, on which table.
 
-When a repair discards a transaction, the notice names what went with it
-(``2 unsaved writes (INSERT shop_order x2)``), and ``%dbstatus`` shows what a
-connection's open transaction holds and for how long it has been open.  Only
-the statement's kind (its first keyword) and table are kept, never a
-parameter or a literal: they may hold secrets or personal data.
-
-What is recorded
-    :class:`~ipy_dbreset.tracking.Mark`, the ``execute_wrapper`` on every
-    tracked connection, hands each statement that succeeded to
-    :meth:`Ledger.note`.  A statement run in autocommit mode outside atomic
-    blocks is committed at once: the ledger empties and records nothing.
-    Inside a transaction the statement is classified from the first
-    :data:`PREFIX` characters of its SQL (cached by that prefix, unless it
-    holds a string literal): a read, a write (kind and table), or transaction
-    control.  A failed statement wrote nothing and is not counted; nor is one
-    that changed no row (``cursor.rowcount`` 0: an UPDATE that matched
-    nothing).  Rows are counted as the driver reports them (``rowcount``,
-    summed over an ``executemany``): a ``bulk_create`` of 500 objects is one
-    statement writing 500 rows.  A statement whose driver reports no count
-    (DDL) is a write of rows unknown, and the notice says "at least".
-
-Savepoints
-    Django creates, rolls back to and releases savepoints through cursors
-    (``BaseDatabaseWrapper._savepoint`` and its siblings, Django 4.1 to 6.x),
-    so those statements pass the wrapper too: ``SAVEPOINT`` opens a level,
-    ``ROLLBACK TO SAVEPOINT`` empties it and drops the levels above it, and
-    ``RELEASE SAVEPOINT`` merges it into the level below.  Unwinding an inner
-    atomic block thus forgets its writes only; the outer blocks' stay.
-
-Transaction boundaries
-    ``commit()``, ``rollback()``, ``set_autocommit()`` and ``connect()`` do not
-    go through execute wrappers, and Django's flags cannot tell two
-    consecutive transactions apart (nor can MySQL's driver, which has no
-    transaction status).  So the ledger hooks those four methods on the
-    wrapper's instance, as :mod:`ipy_dbreset.preflight` hooks its health
-    check: each empties the ledger once it has succeeded (a commit or
-    rollback that failed in the database empties it too: the transaction is
-    over).  They run once per transaction, not once per query.  Raw
-    ``BEGIN``/``COMMIT``/``ROLLBACK`` statements are recognised as well.
-    Not seen: a commit or rollback called on the DB-API connection itself
-    (``connection.connection.commit()``), and what a transaction did before
-    the extension started tracking its connection.
-
-Cost
-    A statement in autocommit mode costs two attribute reads; one in a
-    transaction a slice, a dict lookup and, for a write, a read of the
-    driver's ``rowcount`` and a counter update.
-    Memory per transaction is bounded: at most :data:`ENTRIES` distinct
-    (kind, table) pairs per savepoint level, further writes only counted.
+Only a statement's kind and table are kept, never a parameter or a literal.
+What is counted, how savepoints and transaction boundaries are followed and
+what it costs: ``docs/internals.md`` (What an open transaction holds).
 """
 
 from __future__ import annotations

@@ -1,29 +1,8 @@
 """Bounding how long a connection may wait on a network path that stopped answering.
 
-A path can freeze without closing anything: a laptop slept, a VPN dropped, a
-NAT gateway or firewall forgot an idle flow (AWS NAT does after 350 s).  Left
-alone, a query on such a path waits until the kernel gives up on unacknowledged
-data, about 15 minutes on Linux, and an idle connection is found dead only when
-the next query hangs.
-
-Two levers, both on the driver's own socket and neither touching the driver:
-
-* :class:`Network` sets TCP keepalive and ``TCP_USER_TIMEOUT`` on every new
-  connection (unless its ``OPTIONS`` set their own), so that an idle flow is
-  kept alive through NATs and firewalls, and a path that stops answering ends
-  the connection with a connection error within the bound.  Both measure the
-  network's silence, never the query's duration: a healthy ``pg_sleep(120)``
-  is answered by the server's kernel every few seconds and runs to its end.
-* :class:`InterruptGuard`, in front of the SIGINT handler while a cell runs,
-  looks at the path of the query being interrupted before the driver sends its
-  cancel request, which on a frozen path would hang (psycopg 3 for up to 10 s,
-  psycopg2's blocking ``PQcancel`` for minutes).  If the path does not answer,
-  it shuts the socket down, so that the driver's wait ends at once with a
-  connection error; if it answers, the interrupt goes on as usual.
-
-Only the operating system's socket options and ``TCP_INFO`` are used, each
-under the name its platform gives it; where one is missing, what it would have
-done is skipped (``docs/platforms.md``: what holds on macOS and Windows).
+TCP keepalive and ``TCP_USER_TIMEOUT`` on every new connection (:class:`Network`)
+and a SIGINT guard that cuts a frozen path (:class:`InterruptGuard`): see
+``docs/internals.md`` (Frozen network paths) and ``docs/platforms.md``.
 """
 
 from __future__ import annotations

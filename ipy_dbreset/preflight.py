@@ -1,24 +1,8 @@
 """Never starting a query on a connection the server has already closed.
 
-A cell queries, computes or sleeps for a while, and queries again; meanwhile
-the server dropped the connection (``pg_terminate_backend``, a restart,
-``idle_session_timeout``, MySQL's ``wait_timeout`` or ``KILL``).  The checks
-between cells cannot help: both queries are in the same cell.
-
-Django calls ``close_if_health_check_failed()`` first thing when it creates a
-cursor (``BaseDatabaseWrapper._cursor``) and in ``set_autocommit`` (so when an
-outermost ``atomic()`` is entered), before anything is sent: Django 4.1 to 6.x.
-Its own version makes a round trip, only with ``CONN_HEALTH_CHECKS``, once per
-request.  :meth:`Preflight.install` puts a replacement on a connection
-wrapper's instance: when the connection has been idle for a while, it asks the
-driver, from local signs only, whether the server closed it.  If so and no
-transaction is open, it closes it, and Django's ``ensure_connection`` right
-after opens a new one: the query runs there.  Otherwise, and always
-afterwards, Django's own method runs, so ``CONN_HEALTH_CHECKS`` keeps working.
-
-Nothing that was sent is ever sent again: a query that fails once sent fails
-as before.  Inside a transaction the query fails too (the transaction went
-with the connection); what was lost is recorded for the next notice.
+Replaces ``close_if_health_check_failed()`` on each wrapper's instance (Django
+4.1 to 6.x call it before a cursor and in ``set_autocommit``); Django's own
+runs after ours.  See ``docs/internals.md`` (Before a query).
 """
 
 from __future__ import annotations

@@ -1,26 +1,8 @@
-"""Repairing a broken Django connection without losing what could still be committed.
+"""Repairing a broken connection without losing what could still be committed.
 
-The rule: clean up only what the database has already lost.  What to do is
-chosen from the connection's transaction state (:mod:`ipy_dbreset.transactions`).
-
-* A lost connection (or one with a query left running) is closed and its
-  transaction forgotten, as Django's ``connect()`` forgets it; Django
-  reconnects on the next query, with autocommit off if the user had it off.
-* An aborted PostgreSQL transaction is rolled back to the innermost savepoint
-  from which it is usable again: the user's own (``transaction.savepoint()``),
-  which stays for their ``savepoint_rollback()``, or an atomic block's, by
-  leaving that block and those inside it exactly as Django does when an
-  exception leaves them.  What came before is kept: outer blocks, the manual
-  transaction around them.  With no savepoint, the whole transaction is rolled
-  back, or left to the user when asked to (a manual one).
-* An atomic block that Django marked for rollback while the database still
-  holds a usable transaction (SQLite, MySQL, a non-database error) keeps all
-  its work: only the mark is cleared.
-
-Pending ``on_commit`` callbacks that go with rolled-back work are counted
-(Django drops them, and so never runs them).  Every function here works on a
-wrapper of any thread; the caller decides whether touching it is safe (see
-:mod:`ipy_dbreset.tracking`).
+Only what the database has already lost is cleaned up; which repair fits which
+transaction state: ``docs/internals.md`` (Repairing without losing work).  The
+caller decides whether another thread's wrapper may be touched (``tracking``).
 """
 
 from __future__ import annotations

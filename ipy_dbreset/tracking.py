@@ -1,36 +1,7 @@
-"""Knowing every Django connection in use, in every thread, and when it is safe to touch.
+"""Which Django connections exist, in every thread, and when each may be touched.
 
-Django keeps one connection per alias *per thread*.  The cell's thread can list
-its own with ``connections.all(initialized_only=True)``; connections of other
-threads (the async ORM's executor thread in Jupyter, worker threads) are only
-seen when they are created, through Django's ``connection_created`` signal,
-and are kept until their thread has ended and they are closed: then they are
-forgotten, and freed with the rest of their thread's objects.
-
-Within one thread, Django's connections are not plain thread-locals either:
-its connection handler keeps them in an asgiref ``Local``, which, while an
-event loop runs, is a context variable.  A Jupyter kernel loads its start-up
-extensions before its loop runs and runs every cell inside the loop, in one
-context, so a connection created at start-up (Django's setup makes one while
-building models) is never the one a cell gets.  The shell thread's
-connections are therefore the ones reachable from the caller's context (a
-cell's, or a callback's around it), and only once they have connected.
-
-A connection owned by another thread is touched only when that thread cannot
-be using it: the thread has ended, or it is not running a query (a lock that
-an ``execute_wrapper`` holds around each of that connection's queries makes
-this race-free).  A connection that holds a transaction (an atomic block, or
-autocommit off) is touched only if its thread, besides, runs none of its own
-code: it has ended, or it is a pool worker waiting for its next job, as the
-async ORM's thread (asgiref's single-thread executor) does between cells.  A
-thread that is running code between two queries of its transaction would
-carry on with its atomic blocks unwound under it, its next writes
-autocommitted; only it may end that transaction.
-
-Django itself must also let this thread touch it (:func:`touching`): the
-wrapper is borrowed from its thread, and inside an event loop (a kernel's
-cell) the work runs in a short-lived thread, where Django's async-safety
-check does not refuse it.
+How a connection of another thread, or of a kernel cell's context, is found and
+when touching it is safe: ``docs/internals.md`` (Which connections exist).
 """
 
 from __future__ import annotations

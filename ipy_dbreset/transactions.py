@@ -1,18 +1,8 @@
 """What a connection's transaction is made of, read from Django, the driver and the ledger.
 
-:func:`state_of` takes one snapshot (:class:`TxState`) of every combination
-Django allows: autocommit on or off, atomic blocks at any depth (including
-atomic blocks inside a manual transaction, and the state Django leaves when
-the connection closed inside one: ``in_atomic_block`` set with no block left),
-``atomic(savepoint=False)`` blocks, the user's own savepoints
-(``transaction.savepoint()``) and pending ``on_commit`` callbacks.  The
-repairs in :mod:`ipy_dbreset.repair` choose what to do from it; nothing here
-changes a connection or talks to the server.
-
-Django's bookkeeping is read as ``django.db.transaction.Atomic`` and
-``BaseDatabaseWrapper`` keep it in Django 4.2, 5.2 and 6.1 (compared line by
-line: ``Atomic`` is the same in all three).  An upgrade of Django should
-compare them again.
+Nothing here changes a connection or talks to the server.  Django's bookkeeping
+is read as ``Atomic`` and ``BaseDatabaseWrapper`` keep it in Django 4.2, 5.2 and
+6.1: compare them again on an upgrade.
 """
 
 from __future__ import annotations
